@@ -1,0 +1,47 @@
+"""What the three click groups share: one-line errors, a JSON --config that fills option defaults, main(argv)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from diffusion.errors import UserError
+
+
+def load_config_defaults(ctx: click.Context, _param, path: str | None) -> None:
+    """--config FILE: a JSON object of option names (dashes or underscores) to values; the command line wins."""
+    if not path:
+        return
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise click.BadParameter(f"cannot read {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise click.BadParameter(f"{path} must hold a JSON object")
+    ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in values.items()}}
+
+
+config_option = click.option(
+    "--config", type=click.Path(dir_okay=False), callback=load_config_defaults, is_eager=True, expose_value=False,
+    help="JSON file of option values (the command line overrides them).",
+)
+
+
+def run_group(group: click.Group, argv: list[str] | None) -> int:
+    """Run a click group; a UserError is printed as one line and exits 2."""
+    try:
+        group.main(args=argv, prog_name=group.name, standalone_mode=False)
+    except UserError as error:
+        click.echo(f"Error: {error}", err=True)
+        return 2
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        return 1
+    return 0

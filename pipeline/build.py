@@ -1,0 +1,206 @@
+"""`pipeline build-shards`: the loop that turns a source into shards, once, resumably, on any number of ranks.
+
+Each rank takes units[rank::world]; a unit with a completion marker is skipped, any other is redone from
+scratch (its partial shards removed first), so a re-run after a crash or kill ends with the same records.
+Rank 0 merges the markers into manifest.parquet and dataset.json when all units are done.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from diffusion.classifier_guidance import resolve_guidance
+from diffusion.errors import UserError
+from diffusion.teacher import load_teacher
+from pipeline.images import Skip, prepare
+from pipeline.output import OutputFolder
+from pipeline.sources import limit_units, list_units
+from pipeline.teacher_pass import Prepared, draw, teacher_records
+from shards.format import SCHEMA_VERSION, tensor_names
+from shards.manifest import read_dataset_info
+from shards.writer import ShardWriter
+
+
+@dataclass
+class BuildConfig:
+    teacher: str
+    source: str
+    out: str
+    guidance: str = "cfg"
+    resolution: int = 512
+    batch_size: int = 8
+    samples: int | None = None
+    seed: int = 0
+    shard_size: int = 1000
+    dtype: str = "fp32"
+    t_min: int = 0
+    t_max: int = 999
+    store_clean: bool = False
+    clip_model: str = "ViT-g-14"
+    clip_weights: str | None = None
+    min_image_size: int | None = None  # default: resolution // 2
+    file_column: str = "file"
+    caption_column: str = "caption"
+
+    def validate(self, num_timesteps: int) -> None:
+        if not 0 <= self.t_min <= self.t_max < num_timesteps:
+            raise UserError(f"need 0 <= --t-min <= --t-max < {num_timesteps}; got {self.t_min}, {self.t_max}")
+        for name in ("resolution", "batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be positive")
+        if self.samples is not None and self.samples < 1:
+            raise UserError("--samples must be positive")
+
+    @property
+    def min_size(self) -> int:
+        return self.resolution // 2 if self.min_image_size is None else self.min_image_size
+
+
+def _in_background(items: Iterator, depth: int = 2) -> Iterator:
+    """Run a generator in a thread (decoding overlaps the teacher's compute); exceptions are re-raised here."""
+    channel: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                channel.put(item)
+        except BaseException as error:  # forwarded to the consumer
+            channel.put(error)
+        channel.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := channel.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _prepared_batches(unit, cfg: BuildConfig, latent_shape, skipped: Counter, converted: Counter, read: list):
+    batch = []
+    for raw in unit.samples():
+        read[0] += 1
+        try:
+            pixels, caption, mode = prepare(raw, cfg.resolution, cfg.min_size)
+        except Skip as reason:
+            skipped[str(reason)] += 1
+            continue
+        if mode != "RGB":
+            converted[mode] += 1
+        t, noise, vae_noise = draw(cfg.seed, raw.source_key, latent_shape, cfg.t_min, cfg.t_max)
+        batch.append(Prepared(raw.source_key, unit.name, pixels, caption, t, noise, vae_noise))
+        if len(batch) == cfg.batch_size:
+            yield batch, read[0]
+            batch = []
+    if batch:
+        yield batch, read[0]
+
+
+def build_unit(unit, cfg, teacher, guidance, uncond, out: OutputFolder, progress) -> None:
+    out.clear_unit(unit.name)
+    skipped, converted, read, shards = Counter(), Counter(), [0], []
+    writer, reported = None, 0
+    latent_shape = teacher.latent_shape(cfg.resolution)
+    for batch, read_so_far in _in_background(_prepared_batches(unit, cfg, latent_shape, skipped, converted, read)):
+        for record in teacher_records(teacher, guidance, batch, uncond, cfg.store_clean):
+            writer = writer or ShardWriter(out.shard_path(unit.name, len(shards)))
+            writer.write(record)
+            if writer.samples == cfg.shard_size:
+                shards.append(writer.finish())
+                writer = None
+        progress.update(read_so_far - reported)
+        reported = read_so_far
+    if writer is not None:
+        shards.append(writer.finish())
+    progress.update(read[0] - reported)
+    out.finish_unit(unit.name, shards, skipped, converted)
+
+
+def _identity(cfg: BuildConfig, fingerprint: str, guidance, units) -> dict[str, Any]:
+    """Everything that determines the records (batch size does not)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "teacher", "clip_model")}
+    return {**settings, "schema_version": SCHEMA_VERSION, "teacher_fingerprint": fingerprint,
+            "guidance_params": guidance.params, "units": [[u.name, u.limit] for u in units]}
+
+
+def _dataset_info(cfg: BuildConfig, teacher, guidance) -> dict[str, Any]:
+    return {
+        "kind": guidance.kind,
+        "guidance": {"name": guidance.name, "params": guidance.params},
+        "teacher": {"fingerprint": teacher.fingerprint, "source": str(cfg.teacher)},
+        "tensors": list(tensor_names(guidance.kind, cfg.store_clean)),
+        "resolution": cfg.resolution,
+        "latent_shape": list(teacher.latent_shape(cfg.resolution)),
+        "vae_scaling_factor": teacher.vae.config.scaling_factor,
+        "dtype": "float16",
+        "compute_dtype": cfg.dtype,
+        "scheduler_config": teacher.scheduler_config,
+        "seed": cfg.seed,
+        "t_min": cfg.t_min,
+        "t_max": cfg.t_max,
+        "source": cfg.source,
+    }
+
+
+def run_build(cfg: BuildConfig) -> dict[str, Any]:
+    state = PartialState(cpu=not torch.cuda.is_available())
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != expected:
+        raise UserError(f"accelerate sees {state.num_processes} processes but WORLD_SIZE is {expected}")
+    teacher = load_teacher(cfg.teacher, cfg.dtype, state.device)
+    cfg.validate(teacher.schedule.num_timesteps)
+    guidance = resolve_guidance(cfg.guidance, clip_model=cfg.clip_model, clip_weights=cfg.clip_weights,
+                                device=state.device)
+    units = limit_units(list_units(cfg.source, cfg.shard_size, cfg.file_column, cfg.caption_column), cfg.samples)
+    out = OutputFolder(cfg.out)
+    identity = _identity(cfg, teacher.fingerprint, guidance, units)
+    _claim(out, identity, state)
+
+    mine = [u for u in units[state.process_index :: state.num_processes] if not out.is_done(u.name)]
+    uncond = teacher.encode_text([""])
+    start = time.perf_counter()
+    with tqdm(desc=f"build-shards rank {state.process_index}", unit="input", disable=not state.is_main_process,
+              total=sum(u.count() for u in mine) if cfg.samples or not _tars(mine) else None) as progress:
+        for unit in mine:
+            build_unit(unit, cfg, teacher, guidance, uncond, out, progress)
+    if not state.is_main_process:
+        return {}
+    while missing := out.missing_units([u.name for u in units]):
+        progress.write(f"waiting for {len(missing)} unit(s) on other ranks")
+        time.sleep(2.0)
+    out.merge([u.name for u in units], _dataset_info(cfg, teacher, guidance))
+    return _summary(out, time.perf_counter() - start)
+
+
+def _tars(units) -> bool:
+    return any(hasattr(u, "path") for u in units)
+
+
+def _claim(out: OutputFolder, identity: dict, state: PartialState) -> None:
+    """All ranks check the folder read-only, then rank 0 claims it, then the others confirm."""
+    if out.run_json.is_file() or (out.root.exists() and any(out.root.iterdir())):
+        out.claim(identity)  # validates without writing when the folder holds this run
+    state.wait_for_everyone()
+    if state.is_main_process:
+        out.claim(identity)
+    state.wait_for_everyone()
+    out.check_claimed(identity)
+
+
+def _summary(out: OutputFolder, seconds: float) -> dict[str, Any]:
+    info = read_dataset_info(out.root)
+    skipped = ", ".join(f"{k} {v}" for k, v in info["skipped"].items()) or "none"
+    print(f"wrote {info['samples']} samples in {info['shards']} shards to {out.root} "
+          f"in {seconds:.1f}s; skipped: {skipped}")
+    return info

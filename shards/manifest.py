@@ -1,0 +1,62 @@
+"""The shard folder's metadata: `dataset.json` (what the records are) and `manifest.parquet` (one row a shard)."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from diffusion.errors import UserError
+from shards.format import SCHEMA_VERSION
+from shards.writer import ShardInfo, atomic_write_bytes, atomic_write_json
+
+DATASET_JSON = "dataset.json"
+MANIFEST = "manifest.parquet"
+_SCHEMA = pa.schema([("file", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
+
+
+def write_manifest(folder: str | Path, shards: list[ShardInfo]) -> None:
+    rows = sorted(shards, key=lambda s: s.file)
+    table = pa.Table.from_pylist([asdict(s) for s in rows], schema=_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    atomic_write_bytes(Path(folder) / MANIFEST, buffer.getvalue())
+
+
+def read_manifest(folder: str | Path) -> list[ShardInfo]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{path} is missing: not a finished shard folder (run `pipeline build-shards` to completion)")
+    return [ShardInfo(**row) for row in pq.read_table(path).to_pylist()]
+
+
+def write_dataset_info(folder: str | Path, info: dict[str, Any]) -> None:
+    atomic_write_json(Path(folder) / DATASET_JSON, {"schema_version": SCHEMA_VERSION, **info})
+
+
+def read_dataset_info(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / DATASET_JSON
+    if not path.is_file():
+        raise UserError(f"{path} is missing: not a finished shard folder (run `pipeline build-shards` to completion)")
+    return json.loads(path.read_text())
+
+
+def check_compatible(info: dict[str, Any], *, teacher_fingerprint: str | None = None, kind: str | None = None) -> None:
+    """Refuse shards whose schema, kind or teacher differ from what the reader expects, saying what differs."""
+    problems = []
+    if info.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema_version {info.get('schema_version')} (this reader reads {SCHEMA_VERSION})")
+    if kind is not None and info.get("kind") != kind:
+        problems.append(f"kind {info.get('kind')!r} (expected {kind!r})")
+    if teacher_fingerprint is not None and info.get("teacher", {}).get("fingerprint") != teacher_fingerprint:
+        problems.append(
+            f"teacher fingerprint {str(info.get('teacher', {}).get('fingerprint'))[:12]} "
+            f"(this run's teacher is {teacher_fingerprint[:12]})"
+        )
+    if problems:
+        raise UserError("shards do not match: " + "; ".join(problems))
