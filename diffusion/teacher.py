@@ -143,12 +143,22 @@ class Teacher:
         return eps[:batch], eps[batch:]
 
 
+def quiet_library_progress() -> None:
+    """Our own progress bars say what is happening; the libraries' per-file loading bars only add noise."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_teacher(teacher: str | os.PathLike, dtype: str = "fp32", device: str | torch.device = "cpu") -> Teacher:
     """Load all components from local files only; a missing file is one clear UserError."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     root = resolve_teacher_dir(teacher)
     check_teacher_files(root)
+    quiet_library_progress()
     torch_dtype = DTYPES[dtype]
     kwargs = {"local_files_only": True, "torch_dtype": torch_dtype}
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())

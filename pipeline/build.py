@@ -53,7 +53,9 @@ class BuildConfig:
     file_column: str = "file"
     caption_column: str = "caption"
 
-    def validate(self, num_timesteps: int) -> None:
+    def validate(self, teacher) -> None:
+        num_timesteps = teacher.schedule.num_timesteps
+        teacher.latent_shape(self.resolution)  # raises if the VAE can't map this resolution to latents
         if not 0 <= self.t_min <= self.t_max < num_timesteps:
             raise UserError(f"need 0 <= --t-min <= --t-max < {num_timesteps}; got {self.t_min}, {self.t_max}")
         for name in ("resolution", "batch_size", "shard_size"):
@@ -158,10 +160,10 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != expected:
         raise UserError(f"accelerate sees {state.num_processes} processes but WORLD_SIZE is {expected}")
-    teacher = load_teacher(cfg.teacher, cfg.dtype, state.device)
-    cfg.validate(teacher.schedule.num_timesteps)
     guidance = resolve_guidance(cfg.guidance, clip_model=cfg.clip_model, clip_weights=cfg.clip_weights,
                                 device=state.device)
+    teacher = load_teacher(cfg.teacher, cfg.dtype, state.device)
+    cfg.validate(teacher)
     units = limit_units(list_units(cfg.source, cfg.shard_size, cfg.file_column, cfg.caption_column), cfg.samples)
     out = OutputFolder(cfg.out)
     identity = _identity(cfg, teacher.fingerprint, guidance, units)

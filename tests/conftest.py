@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny models written to disk (so the real loading path is tested), sockets blocked."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any connection other than to a local socket fails the test."""
+    real_connect = socket.socket.connect
+
+    def guarded(sock, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if sock.family == socket.AF_UNIX or host in ("127.0.0.1", "::1", "localhost"):
+            return real_connect(sock, address)
+        raise RuntimeError(f"test tried to reach the network: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory) -> Path:
+    from diffusion.tiny import write_tiny_teacher
+
+    return write_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny-sd", resolution=32)
+
+
+@pytest.fixture(scope="session")
+def teacher(teacher_dir):
+    from diffusion.teacher import load_teacher
+
+    return load_teacher(teacher_dir)
+
+
+@pytest.fixture(scope="session")
+def bad_source(tmp_path_factory) -> Path:
+    """24 good samples in 16-sample tars, every bad input, and a truncated tar."""
+    from pipeline.synthetic import write_img2dataset_source
+
+    return write_img2dataset_source(tmp_path_factory.mktemp("laion"), samples=24, per_tar=16, bad_inputs=True)
+
+
+@pytest.fixture(scope="session")
+def clean_source(tmp_path_factory) -> Path:
+    from pipeline.synthetic import write_img2dataset_source
+
+    return write_img2dataset_source(tmp_path_factory.mktemp("laion-clean"), samples=20, per_tar=7, seed=1)
+
+
+@pytest.fixture(scope="session")
+def cfg_shards(tmp_path_factory, teacher_dir, bad_source) -> Path:
+    from helpers import build_args
+    from pipeline.cli import main
+
+    out = tmp_path_factory.mktemp("shards") / "cfg"
+    assert main(build_args(teacher_dir, bad_source, out, "--store-clean")) == 0
+    return out
