@@ -32,7 +32,7 @@ config_option = click.option(
 def run_group(group: click.Group, argv: list[str] | None) -> int:
     """Run a click group; a UserError is printed as one line and exits 2."""
     try:
-        group.main(args=argv, prog_name=group.name, standalone_mode=False)
+        code = group.main(args=argv, prog_name=group.name, standalone_mode=False)
     except UserError as error:
         click.echo(f"Error: {error}", err=True)
         return 2
@@ -44,4 +44,4 @@ def run_group(group: click.Group, argv: list[str] | None) -> int:
     except click.Abort:
         click.echo("Aborted!", err=True)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0  # without standalone mode, click returns Exit's code

@@ -3,9 +3,10 @@
 Two modes:
 - resampled (default): each (rank, worker) stream draws shards at random with its own seed, forever; the loop
   decides when to stop. No rank can run out before another, so nothing hangs.
-- epoch: shards are dealt round-robin to the streams and cycled, and every rank yields exactly
-  `samples_per_rank` samples (total // world_size unless given), so ranks with fewer shards do not hang
-  the others at a collective; a few samples repeat or drop at the epoch boundary (as open_clip does).
+- epoch: shards are dealt round-robin to ranks, then to DataLoader workers; each pass over a worker's shards
+  is shuffled on its own, and every rank yields exactly `samples_per_rank` samples (total // world_size
+  unless given), so ranks with fewer samples do not hang the others at a collective: a few samples repeat
+  or drop at the epoch boundary (as open_clip does). With one rank, an epoch is every record once.
 """
 
 from __future__ import annotations
@@ -53,39 +54,38 @@ class ShardStream(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _stream(self) -> tuple[int, int, int]:
-        """(stream index, number of streams, this worker's index within the rank)."""
-        worker = torch.utils.data.get_worker_info()
-        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        return self.rank * workers + worker_id, self.world_size * workers, worker_id
+    def _deal(self, worker_id: int, workers: int) -> tuple[list[str], int]:
+        """Epoch mode: (this worker's shards, how many samples it yields).
 
-    def _urls(self, rng: random.Random, stream: int, streams: int) -> Iterator[dict[str, str]]:
-        files = [str(self.folder / s.file) for s in self.shards]
-        if self.resampled:
-            while True:
-                yield {"url": rng.choice(files)}
-        order = files[:]
+        Shards are dealt round-robin to ranks from an epoch-seeded order, then to the rank's workers
+        (wrapping when there are fewer shards than takers). The rank yields exactly samples_per_rank: the
+        difference from what its shards hold is spread over its workers as repeats or cuts.
+        """
+        order = list(self.shards)
         random.Random(self.seed + self.epoch).shuffle(order)
-        mine = [order[i % len(order)] for i in range(stream, max(len(order), streams), streams)]
-        for url in itertools.cycle(mine):
-            yield {"url": url}
+        mine = [order[i % len(order)] for i in range(self.rank, max(len(order), self.world_size), self.world_size)]
+        theirs = [[mine[i % len(mine)] for i in range(w, max(len(mine), workers), workers)] for w in range(workers)]
+        natural = [sum(s.samples for s in shards) for shards in theirs]
+        base, extra = divmod(self.samples_per_rank - sum(natural), workers)
+        quota = natural[worker_id] + base + (1 if worker_id < extra else 0)
+        return [str(self.folder / s.file) for s in theirs[worker_id]], max(quota, 0)
 
-    def _quota(self, workers_stream: int, streams: int) -> int | None:
-        if self.resampled:
-            return None
-        workers = streams // self.world_size
-        base, extra = divmod(self.samples_per_rank, workers)
-        return base + (1 if workers_stream < extra else 0)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        stream, streams, worker_id = self._stream()
-        rng = random.Random(hash((self.seed, self.epoch, stream)))
-        samples = wds.tarfile_samples(self._urls(rng, stream, streams))
+    def _shuffled(self, urls, rng: random.Random) -> Iterator[dict[str, Any]]:
+        samples = wds.tarfile_samples({"url": url} for url in urls)
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
-        decoded = map(_as_item, samples)
-        quota = self._quota(worker_id, streams)
-        return decoded if quota is None else itertools.islice(decoded, quota)
+        return samples
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = torch.utils.data.get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        rng = random.Random(hash((self.seed, self.epoch, self.rank, worker_id)))
+        if self.resampled:
+            files = [str(self.folder / s.file) for s in self.shards]
+            return map(_as_item, self._shuffled(iter(lambda: rng.choice(files), None), rng))
+        mine, quota = self._deal(worker_id, workers)
+        passes = itertools.chain.from_iterable(self._shuffled(mine, rng) for _ in itertools.count())
+        return itertools.islice(map(_as_item, passes), quota)
 
 
 def _as_item(sample: dict[str, Any]) -> dict[str, Any]:
