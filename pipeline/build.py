@@ -8,8 +8,6 @@ Rank 0 merges the markers into manifest.parquet and dataset.json when all units 
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -26,7 +24,7 @@ from diffusion.teacher import load_teacher
 from pipeline.images import Skip, prepare
 from pipeline.output import OutputFolder
 from pipeline.sources import limit_units, list_units
-from pipeline.teacher_pass import Prepared, draw, teacher_records
+from pipeline.teacher_pass import Prepared, draw, teacher_outputs, to_records
 from shards.format import SCHEMA_VERSION, tensor_names
 from shards.manifest import read_dataset_info
 from shards.writer import ShardWriter
@@ -69,26 +67,6 @@ class BuildConfig:
         return self.resolution // 2 if self.min_image_size is None else self.min_image_size
 
 
-def _in_background(items: Iterator, depth: int = 2) -> Iterator:
-    """Run a generator in a thread (decoding overlaps the teacher's compute); exceptions are re-raised here."""
-    channel: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-
-    def produce():
-        try:
-            for item in items:
-                channel.put(item)
-        except BaseException as error:  # forwarded to the consumer
-            channel.put(error)
-        channel.put(done)
-
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := channel.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
 def _prepared_batches(unit, cfg: BuildConfig, latent_shape, skipped: Counter, converted: Counter, read: list):
     batch = []
     for raw in unit.samples():
@@ -103,26 +81,33 @@ def _prepared_batches(unit, cfg: BuildConfig, latent_shape, skipped: Counter, co
         t, noise, vae_noise = draw(cfg.seed, raw.source_key, latent_shape, cfg.t_min, cfg.t_max)
         batch.append(Prepared(raw.source_key, unit.name, pixels, caption, t, noise, vae_noise))
         if len(batch) == cfg.batch_size:
-            yield batch, read[0]
+            yield batch
             batch = []
     if batch:
-        yield batch, read[0]
+        yield batch
 
 
 def build_unit(unit, cfg, teacher, guidance, uncond, out: OutputFolder, progress) -> None:
+    """Batch k's teacher work is launched, batch k+1 decoded (overlapping on CUDA), then batch k written.
+
+    No decode thread: on a CPU every core already runs the teacher, and a thread only adds contention.
+    """
     out.clear_unit(unit.name)
     skipped, converted, read, shards = Counter(), Counter(), [0], []
     writer, reported = None, 0
-    latent_shape = teacher.latent_shape(cfg.resolution)
-    for batch, read_so_far in _in_background(_prepared_batches(unit, cfg, latent_shape, skipped, converted, read)):
-        for record in teacher_records(teacher, guidance, batch, uncond, cfg.store_clean):
+    batches = _prepared_batches(unit, cfg, teacher.latent_shape(cfg.resolution), skipped, converted, read)
+    batch = next(batches, None)
+    while batch is not None:
+        outputs = teacher_outputs(teacher, guidance, batch, uncond, cfg.store_clean)
+        following = next(batches, None)
+        for record in to_records(batch, outputs):
             writer = writer or ShardWriter(out.shard_path(unit.name, len(shards)))
             writer.write(record)
             if writer.samples == cfg.shard_size:
                 shards.append(writer.finish())
                 writer = None
-        progress.update(read_so_far - reported)
-        reported = read_so_far
+        progress.update(read[0] - reported)
+        reported, batch = read[0], following
     if writer is not None:
         shards.append(writer.finish())
     progress.update(read[0] - reported)
@@ -156,6 +141,7 @@ def _dataset_info(cfg: BuildConfig, teacher, guidance) -> dict[str, Any]:
 
 
 def run_build(cfg: BuildConfig) -> dict[str, Any]:
+    """Build (or resume) the shard folder; on rank 0 return dataset.json's content plus the loop's seconds."""
     state = PartialState(cpu=not torch.cuda.is_available())
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != expected:
@@ -205,4 +191,4 @@ def _summary(out: OutputFolder, seconds: float) -> dict[str, Any]:
     skipped = ", ".join(f"{k} {v}" for k, v in info["skipped"].items()) or "none"
     print(f"wrote {info['samples']} samples in {info['shards']} shards to {out.root} "
           f"in {seconds:.1f}s; skipped: {skipped}")
-    return info
+    return {**info, "build_seconds": seconds}

@@ -43,9 +43,10 @@ def draw(seed: int, source_key: str, latent_shape, t_min: int, t_max: int):
 
 
 @torch.no_grad()
-def teacher_records(
+def teacher_outputs(
     teacher: Teacher, guidance: GuidanceSpec, batch: list[Prepared], uncond: torch.Tensor, store_clean: bool
-) -> list[Record]:
+) -> dict[str, torch.Tensor]:
+    """The batch's stored tensors, on the teacher's device (on CUDA, still computing when this returns)."""
     device = teacher.device
     t = torch.stack([p.t for p in batch]).to(device)
     noise = torch.stack([p.noise for p in batch]).to(device)
@@ -56,15 +57,19 @@ def teacher_records(
     cond = teacher.encode_text(captions)
     if guidance.kind == "cfg":
         eps_cond, eps_uncond = teacher.eps_cond_uncond(z_t, t, cond, uncond)
-        ingredients = {"eps_cond": eps_cond, "eps_uncond": eps_uncond}
+        outputs = {"zt": z_t, "eps_cond": eps_cond, "eps_uncond": eps_uncond}
     else:
         eps, grad = eps_and_grad(teacher, z_t, t, cond, captions, guidance.loss)
-        ingredients = {"eps": eps, "grad": grad}
-    records = []
-    for i, p in enumerate(batch):
-        tensors = {"zt": z_t[i], **{name: value[i] for name, value in ingredients.items()}}
-        if store_clean:
-            tensors.update(z0=z0[i], noise=noise[i])
-        records.append(Record(record_key(p.source_key), tensors, int(p.t), p.caption,
-                              {"source_key": p.source_key, "unit": p.unit}))
-    return records
+        outputs = {"zt": z_t, "eps": eps, "grad": grad}
+    if store_clean:
+        outputs.update(z0=z0, noise=noise)
+    return outputs
+
+
+def to_records(batch: list[Prepared], outputs: dict[str, torch.Tensor]) -> list[Record]:
+    host = {name: value.to("cpu", torch.float16) for name, value in outputs.items()}
+    return [
+        Record(record_key(p.source_key), {name: value[i] for name, value in host.items()}, int(p.t), p.caption,
+               {"source_key": p.source_key, "unit": p.unit})
+        for i, p in enumerate(batch)
+    ]
