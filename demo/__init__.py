@@ -1,0 +1,1 @@
+"""The embedded default job (`make demo`)."""
