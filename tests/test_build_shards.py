@@ -188,3 +188,12 @@ def test_output_folder_of_another_run_or_other_files_is_refused(tmp_path, teache
 def test_missing_teacher_is_one_line(tmp_path, clean_source, capsys):
     assert main(build_args(tmp_path / "no-teacher", clean_source, tmp_path / "o")) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bf16_teacher_build(tmp_path, teacher_dir, clean_source, cfg_shards):
+    out = tmp_path / "bf16"
+    assert main(build_args(teacher_dir, clean_source, out, "--dtype", "bf16", "--samples", 4)) == 0
+    info = read_dataset_info(out)
+    assert info["compute_dtype"] == "bf16" and info["dtype"] == "float16"
+    record = next(iter(read_records(out).values()))
+    assert record.tensors["eps_cond"].dtype == torch.float16 and torch.isfinite(record.tensors["eps_cond"]).all()

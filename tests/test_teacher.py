@@ -2,6 +2,8 @@
 
 import shutil
 
+import huggingface_hub.constants
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -58,7 +60,7 @@ def test_missing_teacher_file_is_one_clear_line(tmp_path, teacher_dir):
 
 
 def test_absent_folder_and_uncached_hub_id_do_not_download(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(UserError, match="neither a folder nor in the local HF cache"):
         load_teacher("some-org/some-model")
     with pytest.raises(UserError, match="does not exist"):
@@ -74,3 +76,15 @@ def test_fingerprint_follows_weights(tmp_path, teacher_dir):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert teacher_fingerprint(copy) != teacher_fingerprint(teacher_dir)
+
+
+def test_hub_id_in_the_local_cache_loads_without_network(tmp_path, monkeypatch, teacher_dir):
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--tiny-org--tiny-sd" / "snapshots" / ("0" * 40)
+    shutil.copytree(teacher_dir, snapshot)
+    (cache / "models--tiny-org--tiny-sd" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-sd" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import otherwise
+    teacher = load_teacher("tiny-org/tiny-sd")
+    assert teacher.root == snapshot
+    assert teacher.fingerprint == teacher_fingerprint(teacher_dir)
