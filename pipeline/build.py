@@ -23,7 +23,7 @@ from diffusion.errors import UserError
 from diffusion.teacher import load_teacher
 from pipeline.images import Skip, prepare
 from pipeline.output import OutputFolder
-from pipeline.sources import limit_units, list_units
+from pipeline.sources import TarUnit, limit_units, list_units
 from pipeline.teacher_pass import Prepared, draw, teacher_outputs, to_records
 from shards.format import SCHEMA_VERSION, tensor_names
 from shards.manifest import read_dataset_info
@@ -115,8 +115,8 @@ def build_unit(unit, cfg, teacher, guidance, uncond, out: OutputFolder, progress
 
 
 def _identity(cfg: BuildConfig, fingerprint: str, guidance, units) -> dict[str, Any]:
-    """Everything that determines the records (batch size does not)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "teacher", "clip_model")}
+    """Everything that determines the records (not the batch size, nor paths whose content is hashed)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "teacher", "clip_model", "clip_weights")}
     return {**settings, "schema_version": SCHEMA_VERSION, "teacher_fingerprint": fingerprint,
             "guidance_params": guidance.params, "units": [[u.name, u.limit] for u in units]}
 
@@ -159,20 +159,22 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     uncond = teacher.encode_text([""])
     start = time.perf_counter()
     with tqdm(desc=f"build-shards rank {state.process_index}", unit="input", disable=not state.is_main_process,
-              total=sum(u.count() for u in mine) if cfg.samples or not _tars(mine) else None) as progress:
+              total=sum(u.count() for u in mine) if cfg.samples or not _any_tar(mine) else None) as progress:
         for unit in mine:
             build_unit(unit, cfg, teacher, guidance, uncond, out, progress)
     if not state.is_main_process:
         return {}
-    while missing := out.missing_units([u.name for u in units]):
-        progress.write(f"waiting for {len(missing)} unit(s) on other ranks")
+    if missing := out.missing_units([u.name for u in units]):
+        print(f"rank 0 done; waiting for {len(missing)} unit(s) on other ranks", flush=True)
+    while out.missing_units([u.name for u in units]):
         time.sleep(2.0)
     out.merge([u.name for u in units], _dataset_info(cfg, teacher, guidance))
     return _summary(out, time.perf_counter() - start)
 
 
-def _tars(units) -> bool:
-    return any(hasattr(u, "path") for u in units)
+def _any_tar(units) -> bool:
+    """Counting a tar's entries means reading all its headers: skip it for the progress total."""
+    return any(isinstance(u, TarUnit) for u in units)
 
 
 def _claim(out: OutputFolder, identity: dict, state: PartialState) -> None:
