@@ -36,8 +36,6 @@ def run_group(group: click.Group, argv: list[str] | None) -> int:
     except UserError as error:
         click.echo(f"Error: {error}", err=True)
         return 2
-    except click.exceptions.Exit as done:
-        return done.exit_code
     except click.ClickException as error:
         error.show()
         return error.exit_code

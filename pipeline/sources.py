@@ -45,6 +45,9 @@ class TarUnit:
         return itertools.islice(self._samples(), self.limit)
 
     def count(self) -> int:
+        """Entries this unit yields: its limit when it has one, else one per key in the tar's headers."""
+        if self.limit is not None:
+            return self.limit
         keys = set()
         try:
             with tarfile.open(self.path) as tar:
@@ -98,7 +101,7 @@ class FolderUnit:
     limit: int | None = None
 
     def count(self) -> int:
-        return len(self.entries)
+        return len(self.entries[: self.limit])
 
     def samples(self) -> Iterator[RawSample]:
         for entry in self.entries[: self.limit]:

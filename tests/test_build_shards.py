@@ -133,6 +133,9 @@ def test_samples_caps_source_entries_in_order(tmp_path, teacher_dir, clean_sourc
     assert main(build_args(teacher_dir, clean_source, out, "--samples", 10)) == 0
     keys = sorted(r.meta["source_key"] for r in read_records(out).values())
     assert keys == [f"{i // 7:05d}/{i:09d}" for i in range(10)]
+    from pipeline.sources import limit_units, list_units
+
+    assert [u.count() for u in limit_units(list_units(str(clean_source), 5), 10)] == [7, 3]
 
 
 def test_folder_and_table_sources(tmp_path, teacher_dir):
