@@ -10,22 +10,37 @@ import click
 from diffusion.errors import UserError
 
 
+def read_config_file(path: str) -> object:
+    """JSON, YAML (.yaml/.yml) or TOML (.toml), by suffix."""
+    text = Path(path).read_text()
+    suffix = Path(path).suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text)
+    if suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    return json.loads(text)
+
+
 def load_config_defaults(ctx: click.Context, _param, path: str | None) -> None:
-    """--config FILE: a JSON object of option names (dashes or underscores) to values; the command line wins."""
+    """--config FILE: option names (dashes or underscores) to values; the command line wins."""
     if not path:
         return
     try:
-        values = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        values = read_config_file(path)
+    except Exception as error:  # OSError and each format's own parse error
         raise click.BadParameter(f"cannot read {path}: {error}") from None
     if not isinstance(values, dict):
-        raise click.BadParameter(f"{path} must hold a JSON object")
+        raise click.BadParameter(f"{path} must hold a mapping of option names to values")
     ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in values.items()}}
 
 
 config_option = click.option(
     "--config", type=click.Path(dir_okay=False), callback=load_config_defaults, is_eager=True, expose_value=False,
-    help="JSON file of option values (the command line overrides them).",
+    help="JSON, YAML or TOML file of option values (the command line overrides them).",
 )
 
 

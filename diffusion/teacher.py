@@ -19,6 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from diffusion.errors import UserError
 from diffusion.files import sha256_file
 from diffusion.schedule import NoiseSchedule
+from diffusion.unet import unet_eps
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -75,8 +76,8 @@ def teacher_fingerprint(root: Path) -> str:
 class Teacher:
     """A frozen teacher. `unet` is the wrapped diffusers model (k-diffusion's `inner_model` habit)."""
 
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    unet: UNet2DConditionModel | None  # None when loaded without it (the trainer only needs the text encoder)
+    vae: AutoencoderKL | None
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     schedule: NoiseSchedule
@@ -85,17 +86,17 @@ class Teacher:
     root: Path
 
     def __post_init__(self) -> None:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (m for m in (self.unet, self.vae, self.text_encoder) if m is not None):
             module.requires_grad_(False)
             module.eval()
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.text_encoder.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return self.text_encoder.dtype
 
     @property
     def vae_scale_factor(self) -> int:
@@ -129,8 +130,7 @@ class Teacher:
 
     def eps(self, z_t: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """eps prediction (whatever the teacher's prediction type), in float32."""
-        out = self.unet(z_t.to(self.dtype), t.to(self.device), encoder_hidden_states=text_embeddings.to(self.dtype))
-        return self.schedule.model_output_to_eps(out.sample.float(), z_t.float(), t.to(self.device))
+        return unet_eps(self.unet, self.schedule, z_t, t, text_embeddings)
 
     @torch.no_grad()
     def eps_cond_uncond(
@@ -152,8 +152,10 @@ def quiet_library_progress() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_teacher(teacher: str | os.PathLike, dtype: str = "fp32", device: str | torch.device = "cpu") -> Teacher:
-    """Load all components from local files only; a missing file is one clear UserError."""
+def load_teacher(
+    teacher: str | os.PathLike, dtype: str = "fp32", device: str | torch.device = "cpu", with_unet_and_vae: bool = True
+) -> Teacher:
+    """Load the components from local files only; a missing file is one clear UserError."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     root = resolve_teacher_dir(teacher)
@@ -163,8 +165,8 @@ def load_teacher(teacher: str | os.PathLike, dtype: str = "fp32", device: str | 
     kwargs = {"local_files_only": True, "torch_dtype": torch_dtype}
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     return Teacher(
-        unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kwargs).to(device),
-        vae=AutoencoderKL.from_pretrained(root, subfolder="vae", **kwargs).to(device),
+        unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kwargs).to(device) if with_unet_and_vae else None,
+        vae=AutoencoderKL.from_pretrained(root, subfolder="vae", **kwargs).to(device) if with_unet_and_vae else None,
         text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kwargs).to(device),
         tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
         schedule=NoiseSchedule.from_scheduler_config(scheduler_config),

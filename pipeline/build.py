@@ -7,7 +7,6 @@ Rank 0 merges the markers into manifest.parquet and dataset.json when all units 
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from diffusion.classifier_guidance import resolve_guidance
 from diffusion.errors import UserError
+from diffusion.launch import check_world_size
 from diffusion.teacher import load_teacher
 from pipeline.images import Skip, prepare
 from pipeline.output import OutputFolder
@@ -143,9 +143,7 @@ def _dataset_info(cfg: BuildConfig, teacher, guidance) -> dict[str, Any]:
 def run_build(cfg: BuildConfig) -> dict[str, Any]:
     """Build (or resume) the shard folder; on rank 0 return dataset.json's content plus the loop's seconds."""
     state = PartialState(cpu=not torch.cuda.is_available())
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    if state.num_processes != expected:
-        raise UserError(f"accelerate sees {state.num_processes} processes but WORLD_SIZE is {expected}")
+    check_world_size(state.num_processes)
     guidance = resolve_guidance(cfg.guidance, clip_model=cfg.clip_model, clip_weights=cfg.clip_weights,
                                 device=state.device)
     teacher = load_teacher(cfg.teacher, cfg.dtype, state.device)

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import torch
 import webdataset as wds
 
+from diffusion.errors import UserError
 from shards.format import Record
 from shards.manifest import check_compatible, read_dataset_info, read_manifest
 
@@ -44,7 +45,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         check_compatible(self.info, teacher_fingerprint=teacher_fingerprint, kind=kind)
         self.shards = [s for s in read_manifest(self.folder) if s.samples > 0]
         if not self.shards:
-            raise ValueError(f"{self.folder} holds no samples")
+            raise UserError(f"{self.folder} holds no samples")
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed, self.resampled = shuffle_buffer, seed, resampled
         total = sum(s.samples for s in self.shards)

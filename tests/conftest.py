@@ -64,3 +64,33 @@ def cfg_shards(tmp_path_factory, teacher_dir, bad_source) -> Path:
     out = tmp_path_factory.mktemp("shards") / "cfg"
     assert main(build_args(teacher_dir, bad_source, out, "--store-clean")) == 0
     return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run gets its own Accelerator settings (accelerate keeps them in a process-wide singleton)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="session")
+def heldout_cfg_shards(tmp_path_factory, teacher_dir, clean_source) -> Path:
+    """CFG shards of other images than cfg_shards' (held out from training)."""
+    from helpers import build_args
+    from pipeline.cli import main
+
+    out = tmp_path_factory.mktemp("shards") / "heldout"
+    assert main(build_args(teacher_dir, clean_source, out, "--seed", "5")) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def blue_shards(tmp_path_factory, teacher_dir, clean_source) -> Path:
+    from helpers import build_args
+    from pipeline.cli import main
+
+    out = tmp_path_factory.mktemp("shards") / "blue"
+    assert main(build_args(teacher_dir, clean_source, out, "--guidance", "blue")) == 0
+    return out

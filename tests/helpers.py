@@ -24,3 +24,18 @@ def read_records(folder: Path) -> dict:
             assert record.key not in records
             records[record.key] = record
     return records
+
+
+def fit_args(method, teacher_dir, shards, out, *extra) -> list[str]:
+    """`trainer fit` for the tiny teacher: quick, quiet, deterministic."""
+    return ["fit", "--method", method, "--teacher", str(teacher_dir), "--shards", str(shards), "--out", str(out),
+            "--batch-size", "4", "--lr", "1e-4", "--lr-warmup-steps", "0", "--ema-decay", "0", "--num-workers", "1",
+            "--report-to", "none", *map(str, extra)]
+
+
+def count_unet_calls(unet) -> list[dict]:
+    """Record the keyword arguments of every forward of a diffusers UNet (a forward pre-hook)."""
+    calls = []
+    unet.register_forward_pre_hook(lambda _m, args, kwargs: calls.append({"batch": args[0].shape[0], **kwargs}),
+                                   with_kwargs=True)
+    return calls

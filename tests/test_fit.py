@@ -1,0 +1,187 @@
+"""`trainer fit` end to end on the tiny teacher: learning, export, resume, ranks, refusals, interrupts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import count_unet_calls, fit_args, read_records
+from conftest import REPO
+from trainer.cli import main
+
+
+def _student_weights(out):
+    return load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def _held_out(folder, teacher):
+    records = list(read_records(folder).values())
+    stack = lambda name: torch.stack([r.tensors[name] for r in records]).float()  # noqa: E731
+    return (stack("zt"), torch.tensor([r.t for r in records]), teacher.encode_text([r.caption for r in records]),
+            stack("eps_cond"), stack("eps_uncond"))
+
+
+def test_cfg_distill_learns_the_guided_target_and_exports_a_pipeline(teacher_dir, teacher, cfg_shards,
+                                                                     heldout_cfg_shards, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from diffusion.unet import unet_eps
+
+    out = tmp_path / "student"
+    assert main(fit_args("cfg-distill", teacher_dir, cfg_shards, out, "--max-steps", 40, "--batch-size", 8,
+                         "--checkpoint-every", 40)) == 0
+    record = json.loads((out / "distillation.json").read_text())
+    assert record["method"] == "cfg-distill" and record["guidance_scale"] == 7.5 and record["steps"] == 40
+    assert record["teacher"]["fingerprint"] == teacher.fingerprint and len(record["shards"]["manifest_sha256"]) == 64
+    losses = json.loads((out / "checkpoints/step-00000040/trainer_state.json").read_text())["state"]["recent_losses"]
+    assert len(losses) == 40 and sum(losses[-8:]) < 0.5 * sum(losses[:8])  # the training loss falls
+
+    z_t, steps, text, eps_cond, eps_uncond = _held_out(heldout_cfg_shards, teacher)
+    target = eps_uncond + 7.5 * (eps_cond - eps_uncond)
+    student = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    with torch.no_grad():
+        eps_student = unet_eps(student, teacher.schedule, z_t, steps, text)
+    teacher_error = (eps_cond - target).pow(2).mean().item()
+    assert (eps_student - target).pow(2).mean().item() < 0.8 * teacher_error  # on records it never saw
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    calls = count_unet_calls(pipe.unet)
+    image = pipe("a red square", num_inference_steps=3, guidance_scale=1.0, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3) and [c["batch"] for c in calls] == [1, 1, 1]  # one pass per step
+
+
+def test_resume_equals_uninterrupted_w_distill(teacher_dir, cfg_shards, tmp_path):
+    """7 steps, then resume to 12 (mid-pass, with EMA and gradient accumulation) == 12 straight."""
+    extra = ["--checkpoint-every", 5, "--ema-decay", 0.99, "--gradient-accumulation-steps", 2, "--lr", 1e-3]
+    assert main(fit_args("w-distill", teacher_dir, cfg_shards, tmp_path / "a", "--max-steps", 12, *extra)) == 0
+    assert main(fit_args("w-distill", teacher_dir, cfg_shards, tmp_path / "b", "--max-steps", 7, *extra)) == 0
+    assert main(fit_args("w-distill", teacher_dir, cfg_shards, tmp_path / "b", "--max-steps", 12, "--resume",
+                         "latest", *extra)) == 0
+    straight, resumed = _student_weights(tmp_path / "a"), _student_weights(tmp_path / "b")
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-6
+    moved = _student_weights(tmp_path / "a")["time_embedding.cond_proj.weight"]
+    assert moved.abs().max() > 0  # the w embedding was trained (it starts at zero)
+    record = json.loads((tmp_path / "b" / "distillation.json").read_text())
+    assert record["w_range"] == [2.0, 14.0] and "s - 1" in record["w_convention"]
+
+
+def test_w_student_takes_w_through_the_pipelines_timestep_cond(teacher_dir, cfg_shards, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion.unet import w_condition
+
+    out = tmp_path / "w"
+    assert main(fit_args("w-distill", teacher_dir, cfg_shards, out, "--max-steps", 2, "--w-embedding-dim", 16)) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    calls = count_unet_calls(pipe.unet)
+    pipe("a digit", num_inference_steps=2, guidance_scale=5.0, height=32, width=32, output_type="np")
+    assert [c["batch"] for c in calls] == [1, 1]  # guidance_scale 5 and still one pass per step
+    torch.testing.assert_close(calls[0]["timestep_cond"], w_condition(torch.tensor([5.0]), pipe.unet))
+
+
+def test_classifier_distill_and_kind_refusals(teacher_dir, cfg_shards, blue_shards, tmp_path, capsys):
+    out = tmp_path / "blue"
+    assert main(fit_args("classifier-distill", teacher_dir, blue_shards, out, "--max-steps", 3)) == 0
+    record = json.loads((out / "distillation.json").read_text())
+    assert record["guidance_scale"] == 100.0 and record["guidance"]["name"] == "blue"
+    assert main(fit_args("cfg-distill", teacher_dir, blue_shards, tmp_path / "x", "--max-steps", 1)) == 2
+    assert "--method cfg-distill needs 'cfg' shards (eps_cond + eps_uncond)" in capsys.readouterr().err
+    assert main(fit_args("classifier-distill", teacher_dir, cfg_shards, tmp_path / "y", "--max-steps", 1)) == 2
+    assert "holds 'cfg' shards" in capsys.readouterr().err
+
+
+def test_refuses_shards_of_another_teacher_and_missing_folders(cfg_shards, tmp_path, capsys):
+    from diffusion.tiny import write_tiny_teacher
+
+    other = write_tiny_teacher(tmp_path / "other", seed=1)
+    assert main(fit_args("cfg-distill", other, cfg_shards, tmp_path / "o", "--max-steps", 1)) == 2
+    err = capsys.readouterr().err
+    assert "shards do not match: teacher fingerprint" in err and len(err.strip().splitlines()) == 1
+    assert main(fit_args("cfg-distill", other, tmp_path / "nowhere", tmp_path / "o", "--max-steps", 1)) == 2
+    assert "dataset.json is missing" in capsys.readouterr().err
+
+
+def test_non_finite_losses_stop_with_a_message_and_a_checkpoint(teacher_dir, cfg_shards, tmp_path, capsys):
+    out = tmp_path / "nan"
+    assert main(fit_args("cfg-distill", teacher_dir, cfg_shards, out, "--guidance-scale", 1e38, "--max-steps", 50,
+                         "--max-nonfinite-steps", 3)) == 2
+    assert "3 non-finite losses in a row" in capsys.readouterr().err
+    state = json.loads((out / "checkpoints/step-00000003/trainer_state.json").read_text())["state"]
+    assert state["nonfinite_total"] == 3 and state["recent_losses"] == []
+    assert not (out / "distillation.json").exists()
+
+
+def test_config_file_yaml_and_toml_flags_override(teacher_dir, cfg_shards, tmp_path):
+    common = fit_args("cfg-distill", teacher_dir, cfg_shards, tmp_path / "unused")[1:]
+    keys = dict(zip(common[::2], common[1::2]))
+    (tmp_path / "fit.yaml").write_text("".join(f"{k[2:]}: {v}\n" for k, v in keys.items() if k != "--out")
+                                       + "max-steps: 3\nguidance_scale: 4.0\n")
+    (tmp_path / "fit.toml").write_text("".join(f'{k[2:].replace("-", "_")} = "{v}"\n' for k, v in keys.items()
+                                               if k != "--out") + "max_steps = 3\n")
+    assert main(["fit", "--config", str(tmp_path / "fit.yaml"), "--out", str(tmp_path / "y"), "--max-steps", 2]) == 0
+    record = json.loads((tmp_path / "y" / "distillation.json").read_text())
+    assert record["steps"] == 2 and record["guidance_scale"] == 4.0
+    assert main(["fit", "--config", str(tmp_path / "fit.toml"), "--out", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "distillation.json").read_text())["steps"] == 3
+
+
+def test_fp16_on_cpu_is_a_clear_error_and_bf16_trains(teacher_dir, cfg_shards, tmp_path, capsys):
+    assert main(fit_args("cfg-distill", teacher_dir, cfg_shards, tmp_path / "h", "--mixed-precision", "fp16")) == 2
+    assert "fp16 needs a GPU" in capsys.readouterr().err
+    out = tmp_path / "bf16"
+    assert main(fit_args("cfg-distill", teacher_dir, cfg_shards, out, "--mixed-precision", "bf16",
+                         "--max-steps", 2, "--gradient-checkpointing")) == 0
+    weights = _student_weights(out)
+    assert all(w.dtype == torch.float32 for w in weights.values())  # trainable weights stay fp32
+
+
+def _fit_command(*args) -> list[str]:
+    return [sys.executable, "-m", "trainer.cli", *map(str, args)]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_torchrun_two_ranks_train_on_disjoint_records(teacher_dir, cfg_shards, tmp_path):
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer.cli"]
+    args = fit_args("cfg-distill", teacher_dir, cfg_shards, out, "--epochs", "--batch-size", 2, "--max-steps", 6,
+                    "--record-keys", "--num-workers", 0)
+    done = subprocess.run(launch + args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    keys = [{line.split("\t")[1] for line in (out / f"logs/keys-rank{r}.tsv").read_text().splitlines()}
+            for r in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == 12 and not keys[0] & keys[1]  # one epoch of 24 records, split
+    assert sorted((out / "checkpoints/step-00000006").glob("rng-rank*.json"))[-1].name == "rng-rank1.json"
+    assert json.loads((out / "distillation.json").read_text())["global_batch_size"] == 4
+
+
+def test_ctrl_c_writes_a_checkpoint_then_resume_finishes(teacher_dir, cfg_shards, tmp_path):
+    out = tmp_path / "sigint"
+    args = fit_args("cfg-distill", teacher_dir, cfg_shards, out, "--max-steps", 100000, "--checkpoint-every", 1000,
+                    "--record-keys")
+    process = subprocess.Popen(_fit_command(*args), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    keys, deadline = out / "logs" / "keys-rank0.tsv", time.time() + 120
+    while not (keys.is_file() and keys.stat().st_size) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)  # until the loop has taken its first batch
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    assert "continue with --resume latest" in err
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    step = int(checkpoint.name.split("-")[1])
+    assert 0 < step < 100000 and not (out / "distillation.json").exists()
+    assert main([*args[:args.index("--max-steps")], "--max-steps", step + 2, "--resume", "latest",
+                 *args[args.index("--max-steps") + 2:]]) == 0
+    assert json.loads((out / "distillation.json").read_text())["steps"] == step + 2

@@ -1,0 +1,97 @@
+"""Checkpoint codec, micro-batch positions and the caption cache: the pieces the loop is built from."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion.errors import UserError
+from shards.reader import ShardStream
+from trainer.checkpoint import (
+    checkpoint_dir, list_checkpoints, load_state, prune_checkpoints, resolve_resume, rng_state, save_state,
+    set_rng_state,
+)
+from trainer.data import MicroBatches
+from trainer.text_cache import TextEmbeddingCache
+
+
+def _adamw_after_steps(model, steps: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.8, 0.9))
+    for _ in range(steps):
+        model(torch.ones(2, 3)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+def test_optimizer_state_round_trips_without_pickle(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = _adamw_after_steps(model, 2)
+    save_state(tmp_path, "optimizer", optimizer.state_dict())
+    assert b"\x80" not in (tmp_path / "optimizer.json").read_bytes()  # JSON, not a pickle stream
+    twin = torch.nn.Linear(3, 2)
+    twin.load_state_dict(model.state_dict())
+    restored = torch.optim.AdamW(twin.parameters(), lr=0.5)
+    restored.load_state_dict(load_state(tmp_path, "optimizer"))
+    assert restored.param_groups[0]["betas"] == (0.8, 0.9) and restored.param_groups[0]["lr"] == 0.1
+    for m, opt in ((model, optimizer), (twin, restored)):  # one more step each: identical
+        m(torch.ones(2, 3)).sum().backward()
+        opt.step()
+    torch.testing.assert_close(model.weight, twin.weight, rtol=0, atol=0)
+
+
+def test_rng_state_round_trips(tmp_path):
+    save_state(tmp_path, "rng", rng_state())
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(load_state(tmp_path, "rng"))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_checkpoint_listing_pruning_and_resume_paths(tmp_path):
+    assert resolve_resume(tmp_path, "latest") is None and resolve_resume(tmp_path, None) is None
+    for step in (5, 10, 15):
+        folder = checkpoint_dir(tmp_path, step)
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text("{}")
+    checkpoint_dir(tmp_path, 20).with_name("step-00000020.tmp").mkdir()  # an interrupted save
+    assert resolve_resume(tmp_path, "latest") == checkpoint_dir(tmp_path, 15)
+    prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000010", "step-00000015"]
+    assert resolve_resume(tmp_path, str(checkpoint_dir(tmp_path, 10))) == checkpoint_dir(tmp_path, 10)
+    with pytest.raises(UserError, match="not a checkpoint folder"):
+        resolve_resume(tmp_path, str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+def test_micro_batches_resume_from_any_position(cfg_shards, resampled):
+    def batches(start: int, workers: int) -> list[list[str]]:
+        stream = ShardStream(cfg_shards, shuffle_buffer=8, seed=4, resampled=resampled)
+        micro = MicroBatches(stream, 4, ("zt",), resampled_pass_length=3, num_workers=workers)
+        return [b["key"] for b in itertools.islice(micro.from_position(start), 8)]
+
+    whole = batches(0, workers=1)
+    assert batches(5, workers=1) == (whole + batches(8, workers=1))[5:13]  # positions 5..12, across passes
+    assert batches(0, workers=0) == batches(0, workers=0) and len({k for b in whole for k in b}) > 4
+    if not resampled:  # an epoch is every record once: 24 records, batches of 4 -> 6 per pass
+        epoch = [k for b in whole[:6] for k in b]
+        assert len(set(epoch)) == 24
+
+
+def test_text_cache_encodes_each_caption_once():
+    calls = []
+
+    def encode(captions):
+        calls.append(list(captions))
+        return torch.stack([torch.full((2,), float(len(c))) for c in captions])
+
+    cache = TextEmbeddingCache(encode, max_entries=2)
+    out = cache(["a", "bb", "a"])
+    assert calls == [["a", "bb"]] and out[:, 0].tolist() == [1.0, 2.0, 1.0]
+    cache(["bb", "ccc"])  # "a" is the least recently used: evicted
+    cache(["a"])
+    assert calls[1:] == [["ccc"], ["a"]] and cache.encoded == 4

@@ -1,0 +1,89 @@
+"""`trainer fit`'s configuration: one dataclass that the click command and the --config file both fill."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from diffusion.errors import UserError
+
+# method -> the shard kind it reads
+SHARD_KIND = {"cfg-distill": "cfg", "classifier-distill": "classifier", "w-distill": "cfg"}
+DEFAULT_GUIDANCE_SCALE = {"cfg-distill": 7.5, "classifier-distill": 100.0}
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class FitConfig:
+    method: str
+    teacher: str
+    shards: str
+    out: str
+    guidance_scale: float | None = None  # alpha (cfg-distill) or gamma (classifier-distill)
+    w_min: float = 2.0  # w-distill: the guidance-scale range, in diffusers' guidance_scale units
+    w_max: float = 14.0
+    w_embedding_dim: int = 256
+    max_steps: int = 1000
+    batch_size: int = 8  # per process, per micro-batch
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-5
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 100
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    xformers: bool = False
+    ema_decay: float = 0.9999  # 0 disables EMA; with warm-up (diffusers' EMAModel, power 2/3)
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int = 3
+    resume: str | None = None  # "latest" or a checkpoint folder
+    seed: int = 0
+    resampled: bool = True
+    shuffle_buffer: int = 1000
+    num_workers: int = 2
+    text_cache_size: int = 1024
+    report_to: str = "tensorboard"
+    log_every: int = 10
+    max_nonfinite_steps: int = 10  # in a row
+    record_keys: bool = False  # audit: which records each rank trained on
+
+    def __post_init__(self) -> None:
+        if self.method not in SHARD_KIND:
+            raise UserError(f"unknown --method {self.method!r}; expected one of {sorted(SHARD_KIND)}")
+        if self.guidance_scale is None and self.method in DEFAULT_GUIDANCE_SCALE:
+            self.guidance_scale = DEFAULT_GUIDANCE_SCALE[self.method]
+        if self.method == "w-distill" and not self.w_min <= self.w_max:
+            raise UserError(f"--w-min {self.w_min} is above --w-max {self.w_max}")
+        if self.lr_scheduler not in LR_SCHEDULES:
+            raise UserError(f"unknown --lr-scheduler {self.lr_scheduler!r}; expected one of {LR_SCHEDULES}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise UserError(f"unknown --mixed-precision {self.mixed_precision!r}; expected one of {MIXED_PRECISION}")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
+                     "checkpoints_total_limit", "max_nonfinite_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+
+    @property
+    def shard_kind(self) -> str:
+        return SHARD_KIND[self.method]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """What a resume must not change: it would be another training run."""
+        keys = ("method", "guidance_scale", "w_min", "w_max", "w_embedding_dim", "batch_size",
+                "gradient_accumulation_steps", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+    def data_layout(self, world_size: int) -> dict[str, Any]:
+        """What a resume may change, at the price of a different data order from there on."""
+        keys = ("resampled", "shuffle_buffer", "num_workers") + (("checkpoint_every",) if self.resampled else ())
+        return {"world_size": world_size, **{k: getattr(self, k) for k in keys}}

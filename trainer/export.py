@@ -1,0 +1,52 @@
+"""Write the student as a StableDiffusionPipeline folder (the teacher's other components, the student's UNet)
+and `distillation.json` beside it, which says what the student is and how to sample it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from diffusers import UNet2DConditionModel
+
+from shards.writer import atomic_write_json
+
+DISTILLATION_JSON = "distillation.json"
+FORMAT_VERSION = 1
+
+
+def copy_teacher_components(teacher_root: Path, out: Path) -> None:
+    """model_index.json and every component but the UNet, copied (symlinks of an HF cache resolved)."""
+    out.mkdir(parents=True, exist_ok=True)
+    index = json.loads((teacher_root / "model_index.json").read_text())
+    for name, entry in index.items():
+        if name.startswith("_") or name == "unet" or not isinstance(entry, list) or entry[0] is None:
+            continue
+        shutil.copytree(teacher_root / name, out / name, dirs_exist_ok=True)
+    shutil.copyfile(teacher_root / "model_index.json", out / "model_index.json")
+
+
+def save_student(unet: UNet2DConditionModel, teacher_root: Path, out: Path, record: dict[str, Any]) -> None:
+    copy_teacher_components(teacher_root, out)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    atomic_write_json(out / DISTILLATION_JSON, {"format_version": FORMAT_VERSION, **record})
+
+
+def read_distillation(folder: Path) -> dict[str, Any] | None:
+    """The record of a distilled student, or None for a plain (teacher) pipeline folder."""
+    path = Path(folder) / DISTILLATION_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def inference_recipe(method: str, guidance_scale: float | None, w_range: tuple[float, float] | None) -> dict:
+    """How to sample the student with StableDiffusionPipeline: one UNet pass per step in every case."""
+    if method == "w-distill":
+        return {
+            "pipeline": "StableDiffusionPipeline",
+            "guidance_scale": "any w in w_range; the pipeline feeds it to the UNet as timestep_cond",
+            "w_range": list(w_range),
+            "unet_passes_per_step": 1,
+        }
+    return {"pipeline": "StableDiffusionPipeline", "guidance_scale": 1.0, "unet_passes_per_step": 1,
+            "distilled_guidance_scale": guidance_scale}

@@ -1,0 +1,274 @@
+"""The distillation loop of `trainer fit`: shards in, a StableDiffusionPipeline student out, under accelerate.
+
+The losses live in `trainer.losses`; this module only feeds them: it streams micro-batches, encodes captions,
+runs the student, accumulates gradients, steps the optimiser, keeps the EMA, logs, checkpoints and resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import deque
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import ProjectConfiguration
+from diffusers import UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from diffusion.errors import UserError
+from diffusion.files import sha256_file
+from diffusion.launch import check_world_size
+from diffusion.teacher import load_teacher, quiet_library_progress
+from diffusion.unet import add_guidance_embedding, unet_eps
+from shards.format import TENSORS_BY_KIND
+from shards.manifest import MANIFEST, read_dataset_info
+from shards.reader import ShardStream
+from trainer.checkpoint import resolve_resume
+from trainer.config import FitConfig
+from trainer.data import MicroBatches
+from trainer.export import inference_recipe, save_student
+from trainer.losses import cfg_distill_loss, classifier_distill_loss, sample_w, w_distill_loss
+from trainer.resume import TrainState, load_checkpoint, save_checkpoint
+from trainer.stop import StopRequest
+from trainer.text_cache import TextEmbeddingCache
+
+TEACHER_DTYPE = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def make_accelerator(cfg: FitConfig) -> Accelerator:
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and cfg.mixed_precision == "fp16":
+        raise UserError("--mixed-precision fp16 needs a GPU; use bf16 (or no) on CPU")
+    accelerator = Accelerator(
+        cpu=on_cpu,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=str(Path(cfg.out) / "logs")),
+        dataloader_config=DataLoaderConfiguration(split_batches=False),  # --batch-size is per process
+        step_scheduler_with_optimizer=False,
+    )
+    check_world_size(accelerator.num_processes)
+    return accelerator
+
+
+def check_shards(cfg: FitConfig) -> dict[str, Any]:
+    info = read_dataset_info(cfg.shards)
+    kind = info.get("kind")
+    if kind != cfg.shard_kind:
+        wanted = " + ".join(TENSORS_BY_KIND[cfg.shard_kind])
+        raise UserError(
+            f"--method {cfg.method} needs {cfg.shard_kind!r} shards ({wanted}) but {cfg.shards} holds {kind!r} shards"
+        )
+    return info
+
+
+def build_student(cfg: FitConfig, teacher_root: Path) -> UNet2DConditionModel:
+    """The teacher's UNet in float32, trainable; for w-distill with the zero-initialised w embedding."""
+    unet = UNet2DConditionModel.from_pretrained(teacher_root, subfolder="unet", local_files_only=True,
+                                                torch_dtype=torch.float32)
+    if cfg.method == "w-distill":
+        unet = add_guidance_embedding(unet, cfg.w_embedding_dim)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if cfg.xformers:
+        from diffusers.utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise UserError("--xformers: xformers is not installed (pip install 'guided-distill[xformers]')")
+        unet.enable_xformers_memory_efficient_attention()
+    return unet.train().requires_grad_(True)
+
+
+def w_generator(seed: int, rank: int, micro_index: int) -> torch.Generator:
+    """The generator for one micro-batch's w draws: a function of position, so resumes redraw the same w."""
+    digest = hashlib.sha256(f"w:{seed}:{rank}:{micro_index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def micro_batch_loss(cfg: FitConfig, student, schedule, batch, text, device, generator) -> torch.Tensor:
+    """Mean over the micro-batch of the method's per-sample loss."""
+    unwrapped = getattr(student, "module", student)
+    z_t, t = batch["zt"].to(device).float(), batch["t"].to(device)
+    tensors = {k: batch[k].to(device) for k in TENSORS_BY_KIND[cfg.shard_kind]}
+    if cfg.method == "w-distill":
+        w = sample_w(z_t.shape[0], cfg.w_min, cfg.w_max, generator).to(device)
+        eps_student = unet_eps(unwrapped, schedule, z_t, t, text, guidance_scale=w, forward=student)
+        return w_distill_loss(eps_student, tensors["eps_cond"], tensors["eps_uncond"], w).mean()
+    eps_student = unet_eps(unwrapped, schedule, z_t, t, text, forward=student)
+    if cfg.method == "cfg-distill":
+        return cfg_distill_loss(eps_student, tensors["eps_cond"], tensors["eps_uncond"], cfg.guidance_scale).mean()
+    beta_t = schedule.beta(t, z_t)
+    return classifier_distill_loss(eps_student, tensors["eps"], tensors["grad"], beta_t, cfg.guidance_scale).mean()
+
+
+def train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, schedule, text_cache, batches: Iterator,
+               state: TrainState, stop: StopRequest, key_log=None) -> float | None:
+    """One optimiser step over gradient_accumulation_steps micro-batches; None when a non-finite loss skipped it.
+
+    Every rank agrees on skipping (and on stopping) through one small reduce per micro-batch, which also
+    carries the loss, so no rank ever waits at a collective another rank skipped.
+    """
+    accum, device = cfg.gradient_accumulation_steps, accelerator.device
+    total, skip = 0.0, False
+    for i in range(accum):
+        micro_index = state.step * accum + i
+        batch = next(batches)
+        if key_log is not None:
+            key_log.writelines(f"{state.step + 1}\t{key}\n" for key in batch["key"])
+        if skip:
+            continue
+        generator = w_generator(cfg.seed, accelerator.process_index, micro_index)
+        with accelerator.no_sync(student) if i < accum - 1 else nullcontext():
+            text = text_cache(batch["caption"])
+            loss = micro_batch_loss(cfg, student, schedule, batch, text, device, generator)
+            finite = bool(torch.isfinite(loss))
+            flags = torch.tensor([0.0 if finite else 1.0, float(stop.requested), loss.item() if finite else 0.0],
+                                 device=device)
+            flags = accelerator.reduce(flags, "sum")
+            stop.agreed |= bool(flags[1] > 0)
+            if flags[0] > 0:
+                skip = True
+                continue
+            accelerator.backward(loss / accum)
+            total += float(flags[2]) / accelerator.num_processes / accum
+    if skip:
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    if cfg.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.step(accelerator.unwrap_model(student).parameters())
+    return total
+
+
+W_CONVENTION = ("w is diffusers' guidance_scale s in eps_uncond + s (eps_cond - eps_uncond); the UNet's "
+                "timestep_cond is the sinusoidal embedding of s - 1 (Meng et al.'s w), as StableDiffusionPipeline "
+                "computes it")
+
+
+def _record(cfg: FitConfig, info: dict, teacher, state: TrainState, accelerator) -> dict[str, Any]:
+    """distillation.json: what the student is, what it came from, and how to sample it."""
+    recent = list(state.recent_losses)
+    w_distill = cfg.method == "w-distill"
+    return {
+        "method": cfg.method,
+        "guidance_scale": None if w_distill else cfg.guidance_scale,
+        "w_range": [cfg.w_min, cfg.w_max] if w_distill else None,
+        "w_convention": W_CONVENTION if w_distill else None,
+        "guidance": info.get("guidance"),
+        "teacher": {"path": str(Path(teacher.root).resolve()), "fingerprint": teacher.fingerprint},
+        "shards": {"path": str(Path(cfg.shards).resolve()), "kind": info.get("kind"),
+                   "manifest_sha256": sha256_file(Path(cfg.shards) / MANIFEST), "samples": info.get("samples")},
+        "steps": state.step,
+        "global_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
+        "ema_decay": cfg.ema_decay,
+        "mixed_precision": cfg.mixed_precision,
+        "nonfinite_steps_skipped": state.nonfinite_total,
+        "final_losses": {
+            "last_step": recent[-1] if recent else None,
+            f"mean_last_{len(recent)}_steps": sum(recent) / len(recent) if recent else None,
+        },
+        "inference": inference_recipe(cfg.method, cfg.guidance_scale, (cfg.w_min, cfg.w_max)),
+    }
+
+
+def export_student(cfg, accelerator, student, ema, info, teacher, state) -> None:
+    unet = accelerator.unwrap_model(student)
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.store(unet.parameters())
+            ema.copy_to(unet.parameters())
+        save_student(unet, teacher.root, Path(cfg.out), _record(cfg, info, teacher, state, accelerator))
+        if ema is not None:
+            ema.restore(unet.parameters())
+    accelerator.wait_for_everyone()
+
+
+def _open_key_log(cfg: FitConfig, accelerator):
+    """--record-keys: OUT/logs/keys-rankR.tsv, one line (step, record key) per sample this rank trained on."""
+    if not cfg.record_keys:
+        return None
+    path = Path(cfg.out) / "logs" / f"keys-rank{accelerator.process_index}.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("a", buffering=1)
+
+
+def run_fit(cfg: FitConfig) -> dict[str, Any]:
+    """Train (or resume) and export. Returns {"status": "done" | "interrupted", "step", "loss"}."""
+    quiet_library_progress()
+    accelerator = make_accelerator(cfg)
+    info = check_shards(cfg)
+    teacher = load_teacher(cfg.teacher, TEACHER_DTYPE[cfg.mixed_precision], accelerator.device,
+                           with_unet_and_vae=False)
+    stream = ShardStream(cfg.shards, teacher_fingerprint=teacher.fingerprint, kind=cfg.shard_kind,
+                         rank=accelerator.process_index, world_size=accelerator.num_processes,
+                         shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, resampled=cfg.resampled)
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg, teacher.root)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_steps)
+    ema = EMAModel(student.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3) if cfg.ema_decay else None
+    student, optimizer = accelerator.prepare(student, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    run = {"identity": cfg.identity(), "data_layout": cfg.data_layout(accelerator.num_processes),
+           "teacher_fingerprint": teacher.fingerprint, "manifest_sha256": sha256_file(Path(cfg.shards) / MANIFEST)}
+    state = TrainState()
+    if (path := resolve_resume(Path(cfg.out), cfg.resume)) is not None:
+        state = load_checkpoint(path, run, accelerator, student, optimizer, lr_scheduler, ema)
+        accelerator.print(f"resumed from {path} at step {state.step}")
+    if state.step >= cfg.max_steps:
+        accelerator.print(f"already at step {state.step} >= --max-steps {cfg.max_steps}; exporting")
+
+    text_cache = TextEmbeddingCache(teacher.encode_text, cfg.text_cache_size)
+    batches = MicroBatches(stream, cfg.batch_size, TENSORS_BY_KIND[cfg.shard_kind] + ("zt",),
+                           resampled_pass_length=cfg.checkpoint_every * cfg.gradient_accumulation_steps,
+                           num_workers=cfg.num_workers).from_position(state.step * cfg.gradient_accumulation_steps)
+    if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.init_trackers("fit", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                 for k, v in cfg.to_dict().items()})
+    status = "done"
+    key_log = _open_key_log(cfg, accelerator)
+    with StopRequest() as stop, tqdm(total=cfg.max_steps, initial=state.step, desc=f"fit {cfg.method}",
+                                     unit="step", disable=not accelerator.is_main_process) as progress:
+        while state.step < cfg.max_steps:
+            loss = train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, teacher.schedule,
+                              text_cache, batches, state, stop, key_log)
+            state.record(loss)
+            progress.update(1)
+            if loss is not None:
+                progress.set_postfix(loss=f"{loss:.4g}", lr=f"{lr_scheduler.get_last_lr()[0]:.2g}")
+                if state.step % cfg.log_every == 0:
+                    accelerator.log({"loss": loss, "lr": lr_scheduler.get_last_lr()[0]}, step=state.step)
+            if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                save_checkpoint(Path(cfg.out), run, cfg, accelerator, student, optimizer, lr_scheduler, ema, state)
+                raise NonFiniteLoss(f"stopped at step {state.step}: {state.nonfinite_in_a_row} non-finite losses in "
+                                    f"a row (lower --lr, or try --mixed-precision bf16/no)")
+            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps or stop.agreed:
+                save_checkpoint(Path(cfg.out), run, cfg, accelerator, student, optimizer, lr_scheduler, ema, state)
+            if stop.agreed:
+                status = "interrupted"
+                break
+    if key_log is not None:
+        key_log.close()
+    if status == "done":
+        export_student(cfg, accelerator, student, ema, info, teacher, state)
+    accelerator.end_training()
+    last = state.recent_losses[-1] if state.recent_losses else math.nan
+    return {"status": status, "step": state.step, "loss": last, "nonfinite_steps": state.nonfinite_total}
