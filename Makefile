@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/build_shards.py
+	$(BIN)/python benchmarks/fit.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -18,15 +18,13 @@ import click
 import torch
 
 from diffusion.teacher import load_teacher
-from diffusion.tiny import write_tiny_teacher
+from diffusion.tiny import CPU_SIZES, write_tiny_teacher
 from pipeline.build import BuildConfig, run_build
 from pipeline.synthetic import write_img2dataset_source
 from shards.format import Record
 from shards.manifest import read_dataset_info
 from shards.writer import ShardWriter
 
-# A CPU-sized SD-like teacher: VAE factor 8, a 3-level UNet with cross-attention, a 4-layer text encoder.
-CPU_SIZES = dict(channels=(64, 128, 256), text_dim=128, vae_channels=(32, 64, 64, 64))
 
 
 def bare_teacher_rate(teacher, samples: int, batch_size: int, resolution: int) -> float:

@@ -21,6 +21,9 @@ SD_SCHEDULER = dict(
     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
 )
 
+# A CPU-sized SD-like teacher for benchmarks: VAE factor 8, a 3-level UNet with cross-attention.
+CPU_SIZES = dict(channels=(64, 128, 256), text_dim=128, vae_channels=(32, 64, 64, 64))
+
 
 def clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     """The CLIP BPE tokenizer (ids as openai/clip-vit-large-patch14), built offline from open_clip's vocabulary."""

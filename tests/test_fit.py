@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from helpers import count_unet_calls, fit_args, read_records
 from conftest import REPO
 from trainer.cli import main
+from trainer.heldout import heldout_errors
 
 
 def _student_weights(out):
@@ -51,6 +52,8 @@ def test_cfg_distill_learns_the_guided_target_and_exports_a_pipeline(teacher_dir
         eps_student = unet_eps(student, teacher.schedule, z_t, steps, text)
     teacher_error = (eps_cond - target).pow(2).mean().item()
     assert (eps_student - target).pow(2).mean().item() < 0.8 * teacher_error  # on records it never saw
+    errors = heldout_errors(out, heldout_cfg_shards, teacher, 7.5)
+    assert errors["baseline"] == pytest.approx(teacher_error, rel=1e-5) and errors["ratio"] < 0.8
 
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     calls = count_unet_calls(pipe.unet)

@@ -59,7 +59,7 @@ def cli() -> None:
 @click.option("--resampled/--epochs", "resampled", default=_DEFAULTS["resampled"], show_default=True,
               help="Draw shards at random forever, or read epoch after epoch.")
 @option("shuffle_buffer", "Samples in each reader's shuffle buffer.", type=int)
-@option("num_workers", "DataLoader workers per process that read and decode shards.", type=int)
+@option("num_workers", "DataLoader workers per process that read and decode shards [2 with CUDA, 0 on CPU].", type=int)
 @option("text_cache_size", "Caption embeddings kept between batches.", type=int)
 @option("report_to", "accelerate tracker for logs in OUT/logs (tensorboard, wandb, ..., or none).")
 @option("log_every", "Log to the tracker every N steps.", type=int)

@@ -45,7 +45,7 @@ class FitConfig:
     seed: int = 0
     resampled: bool = True
     shuffle_buffer: int = 1000
-    num_workers: int = 2
+    num_workers: int | None = None  # DataLoader workers: 2 with CUDA; 0 on CPU, where workers take the step's cores
     text_cache_size: int = 1024
     report_to: str = "tensorboard"
     log_every: int = 10
@@ -71,6 +71,14 @@ class FitConfig:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
 
     @property
+    def loader_workers(self) -> int:
+        if self.num_workers is not None:
+            return self.num_workers
+        import torch
+
+        return 2 if torch.cuda.is_available() else 0
+
+    @property
     def shard_kind(self) -> str:
         return SHARD_KIND[self.method]
 
@@ -85,5 +93,5 @@ class FitConfig:
 
     def data_layout(self, world_size: int) -> dict[str, Any]:
         """What a resume may change, at the price of a different data order from there on."""
-        keys = ("resampled", "shuffle_buffer", "num_workers") + (("checkpoint_every",) if self.resampled else ())
-        return {"world_size": world_size, **{k: getattr(self, k) for k in keys}}
+        keys = ("resampled", "shuffle_buffer") + (("checkpoint_every",) if self.resampled else ())
+        return {"world_size": world_size, "num_workers": self.loader_workers, **{k: getattr(self, k) for k in keys}}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
@@ -207,7 +208,8 @@ def _open_key_log(cfg: FitConfig, accelerator):
 
 
 def run_fit(cfg: FitConfig) -> dict[str, Any]:
-    """Train (or resume) and export. Returns {"status": "done" | "interrupted", "step", "loss"}."""
+    """Train (or resume) and export. Returns status ("done" or "interrupted"), step, loss, and the seconds of
+    each step this run took (for benchmarks)."""
     quiet_library_progress()
     accelerator = make_accelerator(cfg)
     info = check_shards(cfg)
@@ -239,17 +241,20 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
     text_cache = TextEmbeddingCache(teacher.encode_text, cfg.text_cache_size)
     batches = MicroBatches(stream, cfg.batch_size, TENSORS_BY_KIND[cfg.shard_kind] + ("zt",),
                            resampled_pass_length=cfg.checkpoint_every * cfg.gradient_accumulation_steps,
-                           num_workers=cfg.num_workers).from_position(state.step * cfg.gradient_accumulation_steps)
+                           num_workers=cfg.loader_workers).from_position(state.step * cfg.gradient_accumulation_steps)
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("fit", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                  for k, v in cfg.to_dict().items()})
     status = "done"
     key_log = _open_key_log(cfg, accelerator)
+    step_seconds = []  # inside train_step: data wait included, checkpoints and export not
     with StopRequest() as stop, tqdm(total=cfg.max_steps, initial=state.step, desc=f"fit {cfg.method}",
                                      unit="step", disable=not accelerator.is_main_process) as progress:
         while state.step < cfg.max_steps:
+            started = time.perf_counter()
             loss = train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, teacher.schedule,
                               text_cache, batches, state, stop, key_log)
+            step_seconds.append(time.perf_counter() - started)
             state.record(loss)
             progress.update(1)
             if loss is not None:
@@ -271,4 +276,5 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
         export_student(cfg, accelerator, student, ema, info, teacher, state)
     accelerator.end_training()
     last = state.recent_losses[-1] if state.recent_losses else math.nan
-    return {"status": status, "step": state.step, "loss": last, "nonfinite_steps": state.nonfinite_total}
+    return {"status": status, "step": state.step, "loss": last, "nonfinite_steps": state.nonfinite_total,
+            "step_seconds": step_seconds}
