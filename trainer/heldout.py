@@ -2,6 +2,8 @@
 
 The baseline is the teacher's unguided prediction stored in the shards (eps_cond for CFG, eps for classifier
 guidance): the student starts there, so error(student) / error(baseline) < 1 means the guidance was learned.
+Where the guidance correction is tiny next to the student's own error (a weak classifier gradient), the ratio
+says little; `guidance_learned` still measures the move along the correction.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ def _records(shards: Path, limit: int) -> dict[str, object]:
 
 @torch.no_grad()
 def heldout_errors(student_dir: str | Path, shards: str | Path, teacher, scale: float, limit: int = 64) -> dict:
-    """{"student": mse, "baseline": mse, "ratio": student / baseline} at guidance scale (alpha, gamma or w)."""
+    """Errors at guidance scale `scale` (alpha, gamma or w): "student" and "baseline" MSE to the target, their
+    "ratio", and "guidance_learned" = <eps_student - baseline, target - baseline> / ||target - baseline||^2:
+    the share of the guidance correction the student has taken on (0 where it started, 1 when it matches)."""
     unet = UNet2DConditionModel.from_pretrained(student_dir, subfolder="unet", local_files_only=True).eval()
     batch = _records(Path(shards), limit)
     z_t, t, text = batch["zt"], batch["t"], teacher.encode_text(batch["caption"])
@@ -41,4 +45,7 @@ def heldout_errors(student_dir: str | Path, shards: str | Path, teacher, scale: 
     eps = unet_eps(unet, teacher.schedule, z_t, t, text.to(unet.dtype), guidance_scale=w)
     student_error = (eps - target).pow(2).mean().item()
     baseline_error = (baseline - target).pow(2).mean().item()
-    return {"student": student_error, "baseline": baseline_error, "ratio": student_error / baseline_error}
+    correction = target - baseline
+    learned = ((eps - baseline) * correction).sum() / correction.pow(2).sum()
+    return {"student": student_error, "baseline": baseline_error, "ratio": student_error / baseline_error,
+            "guidance_learned": learned.item()}
