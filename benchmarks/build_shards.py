@@ -9,7 +9,6 @@ Also: bytes on disk per sample against the tensor payload, for this model's late
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from pipeline.synthetic import write_img2dataset_source
 from shards.format import Record
 from shards.manifest import read_dataset_info
 from shards.writer import ShardWriter
+
+from figures import emit  # benchmarks/figures.py: the scripts run from benchmarks/
 
 
 
@@ -92,10 +93,7 @@ def main(samples: int, batch_size: int, resolution: int, json_out: str | None) -
             "throughput_ratio_end_to_end": end_to_end / (sum(bare) / len(bare)),
             "bytes_ratio_this_model": bytes_ratio(tmp / "out"), "bytes_ratio_sd512": sd_bytes_ratio(tmp),
         }
-    for name, value in figures.items():
-        print(f"{name:>36}: {value:.3f}" if isinstance(value, float) else f"{name:>36}: {value}")
-    if json_out:
-        Path(json_out).write_text(json.dumps(figures, indent=2))
+    emit(figures, json_out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ given over the whole run and after the first step (which starts the data loader:
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from shards.reader import ShardStream
 from trainer.config import FitConfig
 from trainer.fit import build_student, run_fit
 from trainer.losses import cfg_distill_loss
+
+from figures import emit  # benchmarks/figures.py: the scripts run from benchmarks/
 
 
 def bare_student_rate(cfg: FitConfig, shards: Path, steps: int) -> float:
@@ -95,10 +96,7 @@ def main(samples: int, batch_size: int, resolution: int, steps: int, json_out: s
         for name, (whole, steady) in runs.items():
             figures[f"ratio_{name}"] = whole / mean_bare
             figures[f"ratio_{name}_after_first_step"] = steady / mean_bare
-    for name, value in figures.items():
-        print(f"{name:>30}: {value:.3f}" if isinstance(value, float) else f"{name:>30}: {value}")
-    if json_out:
-        Path(json_out).write_text(json.dumps(figures, indent=2))
+    emit(figures, json_out)
 
 
 if __name__ == "__main__":
