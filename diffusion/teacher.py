@@ -164,9 +164,13 @@ def load_teacher(
     torch_dtype = DTYPES[dtype]
     kwargs = {"local_files_only": True, "torch_dtype": torch_dtype}
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    unet = vae = None
+    if with_unet_and_vae:
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kwargs).to(device)
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kwargs).to(device)
     return Teacher(
-        unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kwargs).to(device) if with_unet_and_vae else None,
-        vae=AutoencoderKL.from_pretrained(root, subfolder="vae", **kwargs).to(device) if with_unet_and_vae else None,
+        unet=unet,
+        vae=vae,
         text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kwargs).to(device),
         tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
         schedule=NoiseSchedule.from_scheduler_config(scheduler_config),

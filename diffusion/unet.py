@@ -62,7 +62,8 @@ def unet_eps(
     elif guidance_scale is not None:
         raise ValueError("guidance_scale given to a UNet without a guidance embedding (time_cond_proj_dim)")
     t = t.to(z_t.device)
-    out = (forward or unet)(z_t.to(unet.dtype), t, encoder_hidden_states=text_embeddings.to(unet.dtype), **kwargs).sample
+    call = forward or unet
+    out = call(z_t.to(unet.dtype), t, encoder_hidden_states=text_embeddings.to(unet.dtype), **kwargs).sample
     return schedule.model_output_to_eps(out.float(), z_t.float(), t)
 
 
@@ -72,7 +73,8 @@ def add_guidance_embedding(unet: UNet2DConditionModel, embedding_dim: int = 256)
     The new `cond_proj` layer is zero-initialised, so the student starts as the teacher's conditional model.
     """
     if is_w_conditioned(unet):
-        raise ValueError(f"the UNet already has a guidance embedding (time_cond_proj_dim={unet.config.time_cond_proj_dim})")
+        dim = unet.config.time_cond_proj_dim
+        raise ValueError(f"the UNet already has a guidance embedding (time_cond_proj_dim={dim})")
     student = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": embedding_dim})
     missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
     if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:

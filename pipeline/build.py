@@ -10,8 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from accelerate import PartialState

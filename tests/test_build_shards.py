@@ -1,6 +1,5 @@
 """`pipeline build-shards` end to end on a tiny teacher over a generated img2dataset-style source."""
 
-import json
 import os
 import signal
 import socket

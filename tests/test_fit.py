@@ -93,9 +93,15 @@ def test_w_student_takes_w_through_the_pipelines_timestep_cond(teacher_dir, cfg_
 
 def test_classifier_distill_and_kind_refusals(teacher_dir, cfg_shards, blue_shards, tmp_path, capsys):
     out = tmp_path / "blue"
-    assert main(fit_args("classifier-distill", teacher_dir, blue_shards, out, "--max-steps", 3)) == 0
+    assert main(fit_args("classifier-distill", teacher_dir, blue_shards, out, "--max-steps", 3,
+                         "--report-to", "tensorboard", "--log-every", 1)) == 0  # the last --report-to wins
     record = json.loads((out / "distillation.json").read_text())
     assert record["guidance_scale"] == 100.0 and record["guidance"]["name"] == "blue"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / "fit"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
     assert main(fit_args("cfg-distill", teacher_dir, blue_shards, tmp_path / "x", "--max-steps", 1)) == 2
     assert "--method cfg-distill needs 'cfg' shards (eps_cond + eps_uncond)" in capsys.readouterr().err
     assert main(fit_args("classifier-distill", teacher_dir, cfg_shards, tmp_path / "y", "--max-steps", 1)) == 2

@@ -1,6 +1,5 @@
 """Record format: round trips, keys, and no pickle."""
 
-import io
 import json
 import tarfile
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from helpers import read_records
 
 from pipeline.cli import main

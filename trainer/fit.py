@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
