@@ -30,26 +30,31 @@ def blue_tone_loss(images: torch.Tensor, captions: list[str] | None = None, targ
     return (images - colour).abs().mean(dim=(1, 2, 3))
 
 
+def load_open_clip(model: str, weights: str | Path | None, device: torch.device | str = "cpu"):
+    """(model, tokenizer, model name) from a local weights file; `model` is an open_clip name or a config .json."""
+    import open_clip
+
+    if model.endswith(".json"):
+        if not Path(model).is_file():
+            raise UserError(f"--clip-model config {model} does not exist")
+        open_clip.add_model_config(model)
+        model = Path(model).stem
+    if model not in open_clip.list_models():
+        raise UserError(f"unknown open_clip model {model!r}; see open_clip.list_models() or pass a config .json")
+    if weights is None or not Path(weights).is_file():
+        raise UserError(
+            f"CLIP weights file {weights} not found; pass --clip-weights FILE (for ViT-g-14, the "
+            "laion2b_s12b_b42k open_clip_pytorch_model.bin from the hub, downloaded once)"
+        )
+    network = open_clip.create_model(model, pretrained=str(weights), device=device).eval().requires_grad_(False)
+    return network, open_clip.get_tokenizer(model), model
+
+
 class ClipLoss:
     """Minus the cosine similarity between the open_clip embeddings of an image and its caption."""
 
     def __init__(self, model: str, weights: str | Path | None, device: torch.device | str = "cpu"):
-        import open_clip
-
-        if model.endswith(".json"):
-            if not Path(model).is_file():
-                raise UserError(f"--clip-model config {model} does not exist")
-            open_clip.add_model_config(model)
-            model = Path(model).stem
-        if model not in open_clip.list_models():
-            raise UserError(f"unknown open_clip model {model!r}; see open_clip.list_models() or pass a config .json")
-        if weights is None or not Path(weights).is_file():
-            raise UserError(
-                f"CLIP weights file {weights} not found; pass --clip-weights FILE (for ViT-g-14, the "
-                "laion2b_s12b_b42k open_clip_pytorch_model.bin from the hub, downloaded once)"
-            )
-        self.model = open_clip.create_model(model, pretrained=str(weights), device=device).eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(model)
+        self.model, self.tokenizer, model = load_open_clip(model, weights, device)
         cfg = self.model.visual.preprocess_cfg
         self.size = self.model.visual.image_size
         self.mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1)

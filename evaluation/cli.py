@@ -1,17 +1,162 @@
-"""`evaluation`: its commands land with their own issues (see README.md)."""
+"""`evaluation`: render and score any model the trainer writes, or the teacher (see docs/evaluation.md)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
+from pathlib import Path
 
 import click
 
-from diffusion.cli import run_group
+from diffusion.cli import config_option, run_group
+from diffusion.teacher import DTYPES
+from evaluation.coco30k import EvalConfig
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
+
+
+def option(name: str, help: str, **kwargs):
+    """A --flag whose default is EvalConfig's (one source of truth)."""
+    default = _DEFAULTS.get(name, dataclasses.MISSING)
+    if default is not dataclasses.MISSING and "default" not in kwargs:
+        kwargs.update(default=default, show_default=default is not None)
+    return click.option(f"--{name.replace('_', '-')}", name, help=help, **kwargs)
+
+
+def render_options(function):
+    """What every command needs to render images."""
+    for decorator in reversed([
+        option("num_inference_steps", "Sampling steps.", type=int),
+        option("resolution", "Image side in pixels [the model's].", type=int),
+        option("batch_size", "Images per batch per process.", type=int),
+        option("seed", "Image i uses noise seeded with seed + i.", type=int),
+        option("dtype", "Compute dtype of the models.", type=click.Choice(sorted(DTYPES))),
+        option("clip_model", "open_clip model (name or config .json) for CLIP score and CLIP guidance."),
+        option("clip_weights", "Local open_clip weights file (laion2b_s12b_b42k for ViT-g-14 paper numbers).",
+               type=click.Path(dir_okay=False)),
+    ]):
+        function = decorator(function)
+    return function
+
+
+def metric_options(function):
+    for decorator in reversed([
+        option("coco", "COCO-2014 folder: annotations/captions_val2014.json + val2014/.", type=click.Path(file_okay=False)),
+        option("prompts", "Prompt file (one per line, or JSON) instead of COCO captions.", type=click.Path(dir_okay=False)),
+        option("num_images", "How many prompts (COCO: drawn with a fixed seed; file: the first N).", type=int),
+        option("inception_weights", "TorchScript inception-2015-12-05.pt (FID).", type=click.Path(dir_okay=False)),
+        option("vgg_weights", "VGG16 for precision/recall: NVlabs vgg16.pt or torchvision vgg16-397923af.pth.",
+               type=click.Path(dir_okay=False)),
+        option("cache_dir", "Where reference statistics are cached.", type=click.Path(file_okay=False)),
+        option("evaluator", "Feature extractors: standard (Inception, open_clip, VGG16)."),
+    ]):
+        function = decorator(function)
+    return function
 
 
 @click.group(name="evaluation")
 def cli() -> None:
-    """Not built yet: see README.md for the state of each stage."""
+    """Render and score students and teachers: COCO-2014 FID / CLIP / precision-recall, sweeps, speed."""
+
+
+@cli.command("render")
+@config_option
+@option("model", "StableDiffusionPipeline folder: a teacher or any student `trainer fit` wrote.", required=True)
+@option("out", "Output folder (images/NNNNN.png, prompts.json); re-runs skip what exists.", required=True,
+        type=click.Path(file_okay=False))
+@option("guidance_scale", "CFG scale for a teacher [7.5], w for a w-student, gamma with --classifier-guidance.",
+        type=float)
+@option("classifier_guidance", "Teacher only: clip, blue or MODULE:FUNCTION guidance instead of CFG.")
+@render_options
+@option("coco", "COCO-2014 folder whose captions to render.", type=click.Path(file_okay=False))
+@option("prompts", "Prompt file (one per line, or JSON).", type=click.Path(dir_okay=False))
+@option("num_images", "How many prompts.", type=int)
+def render(**options) -> None:
+    """Render prompts to PNG with any model; split across ranks under torchrun/accelerate; resumable."""
+    import torch
+    from accelerate import PartialState
+
+    from evaluation.coco30k import evaluate_spec, load_prompt_list
+    from evaluation.models import describe_model
+
+    cfg = EvalConfig(**options, metrics="")
+    spec = describe_model(cfg.model, cfg.guidance_scale, cfg.classifier_guidance)
+    prompts, source = load_prompt_list(cfg)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    evaluate_spec(spec, prompts, source, Path(cfg.out), cfg, {}, state)
+
+
+@cli.command("coco30k")
+@config_option
+@option("model", "StableDiffusionPipeline folder: a teacher or any student `trainer fit` wrote.", required=True)
+@option("out", "Output folder: images/, prompts.json, metrics.json, report.md, grid.png.", required=True,
+        type=click.Path(file_okay=False))
+@option("metrics", "Comma list of fid, clip, pr.")
+@option("guidance_scale", "CFG scale for a teacher [7.5], w for a w-student, gamma with --classifier-guidance.",
+        type=float)
+@option("classifier_guidance", "Teacher only: clip, blue or MODULE:FUNCTION guidance instead of CFG.")
+@metric_options
+@render_options
+def coco30k(**options) -> None:
+    """Render COCO-2014 validation captions and score FID (clean-fid), CLIP score and precision/recall."""
+    from evaluation.coco30k import run_coco30k
+
+    record = run_coco30k(EvalConfig(**options))
+    if record is not None:
+        names = ("fid", "clip_score", "precision", "recall")
+        click.echo(json.dumps({k: record[k] for k in names if k in record}))
+        click.echo(f"report: {Path(options['out']).resolve() / 'report.md'}")
+
+
+@cli.command("sweep")
+@config_option
+@click.option("--teacher", required=True, help="The teacher folder.")
+@click.option("--scales", default="1,1.5,2,3,4,5,6,7,8", show_default=True, help="Teacher CFG scales.")
+@click.option("--model", "models", multiple=True, help="A student as PATH or PATH@cfg=W (repeatable).")
+@option("out", "Output folder: one sub-folder per point, sweep.csv, sweep.png.", required=True,
+        type=click.Path(file_okay=False))
+@metric_options
+@render_options
+def sweep(teacher: str, scales: str, models: tuple[str, ...], **options) -> None:
+    """The teacher across CFG scales and the students, CLIP score against FID."""
+    from evaluation.sweep import run_sweep
+
+    values = [float(s) for s in scales.split(",") if s.strip()]
+    rows = run_sweep(EvalConfig(model=teacher, **options), teacher, values, list(models))
+    if rows is not None:
+        click.echo(f"sweep: {Path(options['out']).resolve() / 'sweep.png'}")
+
+
+@cli.command("speed")
+@click.option("--model", "models", multiple=True, required=True,
+              help="PATH, PATH@cfg=S (teacher CFG or student w) or PATH@clip=GAMMA / @blue= (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="speed.json, speed.md, speed.png.")
+@click.option("--batch-size", default=1, show_default=True)
+@click.option("--num-inference-steps", default=10, show_default=True)
+@click.option("--repeats", default=3, show_default=True, help="Timed batches per model (the median is kept).")
+@click.option("--prompt", default="a photograph of an astronaut riding a horse", show_default=True)
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(sorted(DTYPES)))
+@click.option("--clip-model", default="ViT-g-14", show_default=True)
+@click.option("--clip-weights", default=None, type=click.Path(dir_okay=False))
+def speed(models, out, batch_size, num_inference_steps, repeats, prompt, dtype, clip_model, clip_weights) -> None:
+    """Time per step, time per image and peak memory of each model, side by side, with ratios."""
+    import torch
+
+    from evaluation.models import parse_model_arg
+    from evaluation.speed import add_ratios, bar_chart, format_table, measure
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    specs = [parse_model_arg(m) for m in models]
+    results = add_ratios([measure(spec, [prompt] * batch_size, num_inference_steps, repeats, dtype, device,
+                                  clip_model, clip_weights) for spec in specs])
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "speed.json").write_text(json.dumps({"device": str(device), "results": results}, indent=2))
+    table = format_table(results)
+    (folder / "speed.md").write_text("\n".join(table) + "\n")
+    bar_chart(results, folder / "speed.png")
+    click.echo("\n".join(table))
 
 
 def main(argv: list[str] | None = None) -> int:

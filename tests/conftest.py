@@ -94,3 +94,23 @@ def blue_shards(tmp_path_factory, teacher_dir, clean_source) -> Path:
     out = tmp_path_factory.mktemp("shards") / "blue"
     assert main(build_args(teacher_dir, clean_source, out, "--guidance", "blue")) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny open_clip model: (config .json, safetensors weights), loaded through the real pretrained=<file> path."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("clip")
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                              "head_width": 8},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
+    (folder / "tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / "tiny-clip.json")
+    torch.manual_seed(0)
+    save_file(open_clip.create_model("tiny-clip").state_dict(), folder / "tiny-clip.safetensors")
+    return folder / "tiny-clip.json", folder / "tiny-clip.safetensors"

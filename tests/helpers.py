@@ -39,3 +39,63 @@ def count_unet_calls(unet) -> list[dict]:
     unet.register_forward_pre_hook(lambda _m, args, kwargs: calls.append({"batch": args[0].shape[0], **kwargs}),
                                    with_kwargs=True)
     return calls
+
+
+def write_tiny_inception(path: Path) -> Path:
+    """A TorchScript stand-in with the interface of inception-2015-12-05.pt that clean-fid uses (.layers)."""
+    import torch
+
+    class TinyInception(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(),
+                                              torch.nn.Linear(48, 2048))
+
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return self.layers(x)
+
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(TinyInception()), str(path))
+    return path
+
+
+def write_tiny_vgg(path: Path) -> Path:
+    """A TorchScript stand-in with the interface of NVlabs' vgg16.pt: uint8 images in, features out."""
+    import torch
+
+    class TinyVGG(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(),
+                                                torch.nn.Linear(48, 32))
+
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return self.features(x.float() / 255.0)
+
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(TinyVGG()), str(path))
+    return path
+
+
+def write_tiny_coco(folder: Path, images: int = 12) -> Path:
+    """COCO-2014 validation in its real layout: two captions per image, one grayscale JPEG among them."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    (folder / "annotations").mkdir(parents=True)
+    (folder / "val2014").mkdir()
+    colours = ["red", "green", "blue", "yellow"]
+    annotations = []
+    for i in range(images):
+        image_id = 1000 + i
+        colour = colours[i % len(colours)]
+        image = Image.new("RGB", (80 + 8 * i, 64), "white")
+        ImageDraw.Draw(image).ellipse((10, 10, 50, 50), fill=colour)
+        if i == 3:
+            image = image.convert("L")
+        image.save(folder / "val2014" / f"COCO_val2014_{image_id:012d}.jpg")
+        annotations += [{"id": 2 * i, "image_id": image_id, "caption": f"a {colour} circle "},
+                        {"id": 2 * i + 1, "image_id": image_id, "caption": f"A round {colour} shape."}]
+    (folder / "annotations" / "captions_val2014.json").write_text(json.dumps({"annotations": annotations}))
+    return folder

@@ -1,12 +1,10 @@
 """Classifier guidance: the stored gradient is d loss / d z_t (finite differences), its sign lowers the loss,
 and the blue, CLIP and user-function guidances build classifier shards."""
 
-import json
 
 import pytest
 import torch
 from helpers import build_args, read_records
-from safetensors.torch import save_file
 
 from diffusion.classifier_guidance import blue_tone_loss, eps_and_grad, resolve_guidance
 from diffusion.errors import UserError
@@ -92,21 +90,6 @@ def test_user_function_must_return_one_loss_per_sample(tmp_path, teacher_dir, cl
     assert "one value per sample" in capsys.readouterr().err
     with pytest.raises(UserError, match="cannot load guidance"):
         resolve_guidance("no_such_module:f")
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("clip")
-    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
-                                              "head_width": 8},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
-    (folder / "tiny-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder / "tiny-clip.json")
-    torch.manual_seed(0)
-    save_file(open_clip.create_model("tiny-clip").state_dict(), folder / "tiny-clip.safetensors")
-    return folder / "tiny-clip.json", folder / "tiny-clip.safetensors"
 
 
 def test_clip_guidance_build_and_gradient(tmp_path, teacher_dir, teacher64, clean_source, tiny_clip):

@@ -1,0 +1,70 @@
+"""Metrics as pure functions on features (extractors live in evaluation/extractors.py).
+
+- FID (Heusel et al. 2017): Frechet distance between Gaussians fitted to two feature sets; the matrix square
+  root is clean-fid's `frechet_distance`.
+- Precision and recall (Kynkaanniemi et al. 2019): a sample is "covered" when it lies inside the k-NN ball of
+  some sample of the other set; distances are computed in row blocks so memory stays bounded.
+- CLIP score: the mean cosine between paired image and text embeddings, raw (about 0.30 for SD 1.5), not x100.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from cleanfid.fid import frechet_distance as _cleanfid_frechet_distance
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) in float64, sigma with the N - 1 normalisation as clean-fid and pytorch-fid use."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))."""
+    return float(_cleanfid_frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
+    return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+
+
+def _kth_neighbour_radii(features: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """Distance from each row to its k-th nearest other row (itself excluded)."""
+    radii = []
+    for start in range(0, len(features), block):
+        distances = torch.cdist(features[start:start + block], features)
+        radii.append(distances.kthvalue(k + 1, dim=1).values)  # the 1st is the row itself, at distance 0
+    return torch.cat(radii)
+
+
+def _covered(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, block: int) -> torch.Tensor:
+    """Whether each query lies within radius of at least one support point."""
+    inside = []
+    for start in range(0, len(queries), block):
+        distances = torch.cdist(queries[start:start + block], support)
+        inside.append((distances <= radii[None, :]).any(dim=1))
+    return torch.cat(inside)
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, block: int = 1024) -> tuple[float, float]:
+    """Improved precision (fake inside the real manifold) and recall (real inside the fake manifold)."""
+    real_t = torch.as_tensor(np.asarray(real), dtype=torch.float64)
+    fake_t = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
+    precision = _covered(fake_t, real_t, _kth_neighbour_radii(real_t, k, block), block).double().mean().item()
+    recall = _covered(real_t, fake_t, _kth_neighbour_radii(fake_t, k, block), block).double().mean().item()
+    return precision, recall
+
+
+def paired_cosines(image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
+    """cos(image_i, text_i) for each pair."""
+    image = np.asarray(image_features, dtype=np.float64)
+    text = np.asarray(text_features, dtype=np.float64)
+    image = image / np.linalg.norm(image, axis=1, keepdims=True)
+    text = text / np.linalg.norm(text, axis=1, keepdims=True)
+    return (image * text).sum(axis=1)
+
+
+def clip_score(image_features: np.ndarray, text_features: np.ndarray) -> float:
+    """Mean over pairs of cos(image_i, text_i)."""
+    return float(paired_cosines(image_features, text_features).mean())

@@ -1,0 +1,101 @@
+"""What to render with: any folder the trainer writes, or the teacher itself, read from its `distillation.json`.
+
+| model folder | how it is sampled | UNet passes per step |
+|---|---|---|
+| teacher, `--guidance-scale s` | StableDiffusionPipeline with CFG at s (s = 1: no guidance) | 2 (one batch of 2B), 1 at s = 1 |
+| teacher, `--classifier-guidance clip|blue|M:F` | DDIM with eps + gamma sqrt(beta_t) grad (gamma = --guidance-scale) | 1 + decode + backward |
+| cfg-distill / classifier-distill student | StableDiffusionPipeline at guidance_scale 1 | 1 |
+| w-distill student, `--guidance-scale w` | StableDiffusionPipeline at guidance_scale w (fed as timestep_cond) | 1 |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffusion.errors import UserError
+from diffusion.teacher import DTYPES, quiet_library_progress, resolve_teacher_dir
+from trainer.export import read_distillation
+
+DEFAULT_TEACHER_SCALE = 7.5
+
+
+@dataclass
+class ModelSpec:
+    folder: Path
+    kind: str  # "teacher", "teacher-classifier" or a trainer method
+    guidance_scale: float  # CFG s, classifier gamma, or w
+    classifier_guidance: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "teacher":
+            return f"teacher cfg {self.guidance_scale:g}" if self.guidance_scale != 1 else "teacher no guidance"
+        if self.kind == "teacher-classifier":
+            return f"teacher {self.classifier_guidance} guidance {self.guidance_scale:g}"
+        if self.kind == "w-distill":
+            return f"{self.folder.name} (w-distill, w {self.guidance_scale:g})"
+        return f"{self.folder.name} ({self.kind})"
+
+    def to_dict(self) -> dict:
+        return {"folder": str(self.folder), "kind": self.kind, "guidance_scale": self.guidance_scale,
+                "classifier_guidance": self.classifier_guidance, "label": self.label}
+
+
+def describe_model(model: str, guidance_scale: float | None = None, classifier_guidance: str | None = None) -> ModelSpec:
+    """Read the model kind from distillation.json (absent: the teacher) and check the scale makes sense for it."""
+    folder = resolve_teacher_dir(model)
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"{folder} is not a StableDiffusionPipeline folder (no model_index.json)")
+    record = read_distillation(folder)
+    if record is None:
+        if classifier_guidance:
+            return ModelSpec(folder, "teacher-classifier", 100.0 if guidance_scale is None else guidance_scale,
+                             classifier_guidance)
+        return ModelSpec(folder, "teacher", DEFAULT_TEACHER_SCALE if guidance_scale is None else guidance_scale)
+    method = record["method"]
+    if classifier_guidance:
+        raise UserError(f"--classifier-guidance applies to a teacher; {folder} is a {method} student")
+    if method == "w-distill":
+        low, high = record["w_range"]
+        w = min(max(DEFAULT_TEACHER_SCALE, low), high) if guidance_scale is None else guidance_scale
+        if not low <= w <= high:
+            raise UserError(f"--guidance-scale {w} is outside the w range [{low}, {high}] this student was trained on")
+        return ModelSpec(folder, method, w)
+    if method in ("cfg-distill", "classifier-distill"):
+        if guidance_scale not in (None, 1.0):
+            raise UserError(f"{folder} has its guidance distilled in (scale {record['guidance_scale']}); sample it at "
+                            "--guidance-scale 1 (the default)")
+        return ModelSpec(folder, method, 1.0)
+    raise UserError(f"{folder}: cannot render a {method!r} model yet")
+
+
+def load_pipeline(spec: ModelSpec, dtype: str, device: torch.device):
+    """StableDiffusionPipeline from local files, progress bars off (ours counts images)."""
+    from diffusers import StableDiffusionPipeline
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    quiet_library_progress()
+    pipe = StableDiffusionPipeline.from_pretrained(spec.folder, torch_dtype=DTYPES[dtype], local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def parse_model_arg(text: str) -> ModelSpec:
+    """`PATH`, or `PATH@cfg=S` (CFG scale, or w for a w-student), or `PATH@NAME=GAMMA` for classifier guidance
+    of a teacher (NAME: clip, blue or MODULE:FUNCTION)."""
+    path, _, option = text.partition("@")
+    if not option:
+        return describe_model(path)
+    name, _, value = option.rpartition("=")
+    try:
+        scale = float(value)
+    except ValueError:
+        raise UserError(f"model {text!r}: expected PATH@cfg=SCALE or PATH@clip=GAMMA, got {option!r}") from None
+    if name in ("cfg", "w"):
+        return describe_model(path, scale)
+    return describe_model(path, scale, classifier_guidance=name)
