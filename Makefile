@@ -22,6 +22,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/build_shards.py
 	$(BIN)/python benchmarks/fit.py
+	$(BIN)/python benchmarks/speed.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -144,11 +144,11 @@ def speed(models, out, batch_size, num_inference_steps, repeats, prompt, dtype, 
     import torch
 
     from evaluation.models import parse_model_arg
-    from evaluation.speed import add_ratios, bar_chart, format_table, measure
+    from evaluation.speed import add_ratios, bar_chart, format_table, measure_in_fresh_process
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     specs = [parse_model_arg(m) for m in models]
-    results = add_ratios([measure(spec, [prompt] * batch_size, num_inference_steps, repeats, dtype, device,
+    results = add_ratios([measure_in_fresh_process(spec, [prompt] * batch_size, num_inference_steps, repeats, dtype, device,
                                   clip_model, clip_weights) for spec in specs])
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,14 +2,18 @@
 one after another in one process at the same batch size, prompts and step count, with ratios to the guided
 teacher (the seed's Figures 3-4 and 8-9).
 
-CUDA: CUDA-synchronised wall time, `max_memory_allocated` above what the loaded model holds. CPU: wall time,
-and the growth of peak RSS during the run above the RSS after loading (Linux: VmHWM reset via clear_refs).
+Each model is measured in a fresh process. CUDA: CUDA-synchronised wall time, `max_memory_allocated` above what
+the loaded model holds. CPU: wall time, and the growth of peak RSS over the runs above the RSS after loading
+(Linux: VmHWM reset via clear_refs).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -73,17 +77,18 @@ def count_unet_rows(unet) -> list[int]:
 
 def measure(spec: ModelSpec, prompts: list[str], steps: int, repeats: int, dtype: str, device, clip_model=None,
             clip_weights=None) -> dict:
-    """Load one model, warm up, time `repeats` batches; unload."""
+    """Load one model, then run it 1 + `repeats` times (the first is a warm-up, not timed); the memory probe
+    covers all runs, so on a CPU the first run's new pages count. Meant to run in a fresh process."""
     probe = MemoryProbe(torch.device(device))
     before_load = probe.level()
     renderer = Renderer(spec, steps, dtype, device, clip_model or "ViT-g-14", clip_weights)
     loaded = probe.level()
     rows = count_unet_rows(renderer.unet)
     seeds = list(range(len(prompts)))
-    renderer.latents(prompts, seeds)  # warm-up
-    rows.clear()
     times = []
     with probe:
+        renderer.latents(prompts, seeds)  # warm-up
+        rows.clear()
         for _ in range(repeats):
             if probe.cuda:
                 torch.cuda.synchronize()
@@ -107,6 +112,28 @@ def measure(spec: ModelSpec, prompts: list[str], steps: int, repeats: int, dtype
     if probe.cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def measure_in_fresh_process(spec: ModelSpec, prompts: list[str], steps: int, repeats: int, dtype: str, device,
+                             clip_model=None, clip_weights=None) -> dict:
+    """`measure` in a new Python process, so that no model inherits another's allocator pages or peak RSS."""
+    job = {"spec": {k: v for k, v in spec.to_dict().items() if k != "label"}, "prompts": prompts, "steps": steps,
+           "repeats": repeats, "dtype": dtype, "device": str(device), "clip_model": clip_model,
+           "clip_weights": clip_weights}
+    done = subprocess.run([sys.executable, "-m", "evaluation.speed", json.dumps(job)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {spec.label} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _child(job: dict) -> None:
+    spec = job.pop("spec")
+    spec = ModelSpec(Path(spec["folder"]), spec["kind"], spec["guidance_scale"], spec["classifier_guidance"])
+    print(json.dumps(measure(spec, **job)))
+
+
+if __name__ == "__main__":
+    _child(json.loads(sys.argv[1]))
 
 
 def add_ratios(results: list[dict]) -> list[dict]:
