@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -42,6 +43,20 @@ config_option = click.option(
     "--config", type=click.Path(dir_okay=False), callback=load_config_defaults, is_eager=True, expose_value=False,
     help="JSON, YAML or TOML file of option values (the command line overrides them).",
 )
+
+
+def dataclass_option(config_class):
+    """An `option(name, help, **click_kwargs)` factory whose --flags take their defaults from the config
+    dataclass's fields: one source of truth for the command, the --config file and the code."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+
+    def option(name: str, help: str, **kwargs):
+        default = defaults.get(name, dataclasses.MISSING)
+        if default is not dataclasses.MISSING and "default" not in kwargs:
+            kwargs.update(default=default, show_default=default is not None)
+        return click.option(f"--{name.replace('_', '-')}", name, help=help, **kwargs)
+
+    return option
 
 
 def run_group(group: click.Group, argv: list[str] | None) -> int:

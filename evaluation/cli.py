@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from diffusion.cli import config_option, run_group
+from diffusion.cli import config_option, dataclass_option, run_group
 from diffusion.teacher import DTYPES
 from evaluation.coco30k import EvalConfig
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
-
-
-def option(name: str, help: str, **kwargs):
-    """A --flag whose default is EvalConfig's (one source of truth)."""
-    default = _DEFAULTS.get(name, dataclasses.MISSING)
-    if default is not dataclasses.MISSING and "default" not in kwargs:
-        kwargs.update(default=default, show_default=default is not None)
-    return click.option(f"--{name.replace('_', '-')}", name, help=help, **kwargs)
+option = dataclass_option(EvalConfig)
 
 
 def render_options(function):

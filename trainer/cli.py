@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import click
 
-from diffusion.cli import config_option, run_group
+from diffusion.cli import config_option, dataclass_option, run_group
 from trainer.config import LR_SCHEDULES, MIXED_PRECISION, SHARD_KIND, FitConfig
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FitConfig)}
-
-
-def option(name: str, help: str, **kwargs):
-    """A --flag whose default is FitConfig's (one source of truth)."""
-    default = _DEFAULTS.get(name)
-    if default is not dataclasses.MISSING and "default" not in kwargs:
-        kwargs.setdefault("default", default)
-        kwargs.setdefault("show_default", default is not None)
-    return click.option(f"--{name.replace('_', '-')}", name, help=help, **kwargs)
+option = dataclass_option(FitConfig)
 
 
 @click.group(name="trainer")
@@ -56,7 +46,7 @@ def cli() -> None:
 @option("checkpoints_total_limit", "Keep the last K checkpoints.", type=int)
 @option("resume", "Continue from `latest` (in OUT/checkpoints; a fresh start if none) or a checkpoint folder.")
 @option("seed", "Seed of the data order, the w draws and initialisation.", type=int)
-@click.option("--resampled/--epochs", "resampled", default=_DEFAULTS["resampled"], show_default=True,
+@click.option("--resampled/--epochs", "resampled", default=FitConfig.resampled, show_default=True,
               help="Draw shards at random forever, or read epoch after epoch.")
 @option("shuffle_buffer", "Samples in each reader's shuffle buffer.", type=int)
 @option("num_workers", "DataLoader workers per process that read and decode shards [2 with CUDA, 0 on CPU].", type=int)
