@@ -40,7 +40,10 @@ def metric_options(function):
         option("vgg_weights", "VGG16 for precision/recall: NVlabs vgg16.pt or torchvision vgg16-397923af.pth.",
                type=click.Path(dir_okay=False)),
         option("cache_dir", "Where reference statistics are cached.", type=click.Path(file_okay=False)),
-        option("evaluator", "Feature extractors: standard (Inception, open_clip, VGG16)."),
+        option("evaluator", "Feature extractors: standard (Inception, open_clip, VGG16) or digits (the digits "
+               "world's classifier for digit-FID, digit-CLIP and PR)."),
+        option("digits_classifier", "--evaluator digits: the classifier folder (runs/demo/world/classifier).",
+               type=click.Path(file_okay=False)),
     ]):
         function = decorator(function)
     return function
@@ -53,7 +56,8 @@ def cli() -> None:
 
 @cli.command("render")
 @config_option
-@option("model", "StableDiffusionPipeline folder: a teacher or any student `trainer fit` wrote.", required=True)
+@option("model", "StableDiffusionPipeline folder: a teacher or any student `trainer fit` wrote (or PATH@cfg=S, "
+        "PATH@blue=GAMMA).", required=True)
 @option("out", "Output folder (images/NNNNN.png, prompts.json); re-runs skip what exists.", required=True,
         type=click.Path(file_okay=False))
 @option("guidance_scale", "CFG scale for a teacher [7.5], w for a w-student, gamma with --classifier-guidance.",
@@ -68,11 +72,10 @@ def render(**options) -> None:
     import torch
     from accelerate import PartialState
 
-    from evaluation.coco30k import evaluate_spec, load_prompt_list
-    from evaluation.models import describe_model
+    from evaluation.coco30k import evaluate_spec, load_prompt_list, model_spec
 
     cfg = EvalConfig(**options, metrics="")
-    spec = describe_model(cfg.model, cfg.guidance_scale, cfg.classifier_guidance)
+    spec = model_spec(cfg)
     prompts, source = load_prompt_list(cfg)
     state = PartialState(cpu=not torch.cuda.is_available())
     evaluate_spec(spec, prompts, source, Path(cfg.out), cfg, {}, state)
@@ -80,10 +83,11 @@ def render(**options) -> None:
 
 @cli.command("coco30k")
 @config_option
-@option("model", "StableDiffusionPipeline folder: a teacher or any student `trainer fit` wrote.", required=True)
+@option("model", "StableDiffusionPipeline folder: a teacher or any student `trainer fit` wrote (or PATH@cfg=S, "
+        "PATH@blue=GAMMA).", required=True)
 @option("out", "Output folder: images/, prompts.json, metrics.json, report.md, grid.png.", required=True,
         type=click.Path(file_okay=False))
-@option("metrics", "Comma list of fid, clip, pr.")
+@option("metrics", "Comma list of fid, clip, pr, blue (the share of blue pixels).")
 @option("guidance_scale", "CFG scale for a teacher [7.5], w for a w-student, gamma with --classifier-guidance.",
         type=float)
 @option("classifier_guidance", "Teacher only: clip, blue or MODULE:FUNCTION guidance instead of CFG.")

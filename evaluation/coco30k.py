@@ -19,13 +19,13 @@ from diffusion.errors import UserError
 from evaluation.coco import (
     choose_prompts, prepare_256, prompts_sha256, read_prompt_file, reference_images, write_prompts,
 )
-from evaluation.metrics import feature_statistics, frechet_distance, precision_recall
-from evaluation.models import describe_model
+from evaluation.metrics import blue_fraction, feature_statistics, frechet_distance, precision_recall
+from evaluation.models import describe_model, parse_model_arg
 from evaluation.reference import reference_features, reference_statistics, reference_subset
 from evaluation.render import Renderer, load_images, render_prompts
 from evaluation.report import write_report
 
-METRICS = ("fid", "clip", "pr")
+METRICS = ("fid", "clip", "pr", "blue")
 DEFAULT_CACHE = Path.home() / ".cache" / "guided-distill" / "reference"
 
 
@@ -42,6 +42,7 @@ class EvalConfig:
     clip_model: str = "ViT-g-14"
     clip_weights: str | None = None
     vgg_weights: str | None = None
+    digits_classifier: str | None = None
     guidance_scale: float | None = None
     classifier_guidance: str | None = None
     num_inference_steps: int = 50
@@ -73,8 +74,13 @@ def build_evaluators(cfg: EvalConfig, metrics: list[str], device) -> dict[str, A
     """The extractors the chosen metrics need, from local files (see evaluation/extractors.py)."""
     from evaluation.extractors import ClipScorer, InceptionFeatures, VGG16Features
 
+    if cfg.evaluator == "digits":  # the digits world: one small classifier stands in for all three
+        from digits.classifier import DigitFeatures, DigitScorer
+
+        chosen = {"fid": DigitFeatures, "clip": DigitScorer, "pr": DigitFeatures}
+        return {m: chosen[m](cfg.digits_classifier) for m in metrics if m in chosen}
     if cfg.evaluator != "standard":
-        raise UserError(f"unknown --evaluator {cfg.evaluator!r}")
+        raise UserError(f"unknown --evaluator {cfg.evaluator!r}; expected standard or digits")
     evaluators = {}
     if "fid" in metrics:
         evaluators["fid"] = InceptionFeatures(cfg.inception_weights, device)
@@ -85,9 +91,12 @@ def build_evaluators(cfg: EvalConfig, metrics: list[str], device) -> dict[str, A
     return evaluators
 
 
-def score(images: list[np.ndarray], prompts: list[str], evaluators: dict, coco: Path | None, cache: Path) -> dict:
+def score(images: list[np.ndarray], prompts: list[str], evaluators: dict, coco: Path | None, cache: Path,
+          metrics: list[str] = ()) -> dict:
     """Every chosen metric on prepared (256 px) generated images."""
     result: dict[str, Any] = {}
+    if "blue" in metrics:
+        result["blue_fraction"] = blue_fraction(images)
     refs = reference_images(coco) if coco else []
     if "fid" in evaluators:
         fake = evaluators["fid"].features(images)
@@ -126,14 +135,22 @@ def evaluate_spec(spec, prompts: list[str], source: str, out: Path, cfg: EvalCon
     if not state.is_main_process:
         return None
     images = [prepare_256_array(a) for a in load_images(out, len(prompts))]
-    result = score(images, prompts, evaluators, Path(cfg.coco) if cfg.coco else None, Path(cfg.cache_dir))
+    result = score(images, prompts, evaluators, Path(cfg.coco) if cfg.coco else None, Path(cfg.cache_dir),
+                   cfg.metric_list())
     return {**result, "model": spec.to_dict(), "render": timing, "resolution": resolution}
+
+
+def model_spec(cfg: EvalConfig):
+    """--model PATH with --guidance-scale / --classifier-guidance, or the PATH@cfg=S / PATH@blue=G shorthand."""
+    if "@" in cfg.model:
+        return parse_model_arg(cfg.model)
+    return describe_model(cfg.model, cfg.guidance_scale, cfg.classifier_guidance)
 
 
 def run_coco30k(cfg: EvalConfig) -> dict | None:
     """Render, then (rank 0) score and report. Returns metrics.json's content on rank 0."""
     metrics = cfg.metric_list()
-    spec = describe_model(cfg.model, cfg.guidance_scale, cfg.classifier_guidance)
+    spec = model_spec(cfg)
     prompts, source = load_prompt_list(cfg)
     out = Path(cfg.out)
     state = PartialState(cpu=not torch.cuda.is_available())

@@ -5,6 +5,8 @@
 - Precision and recall (Kynkaanniemi et al. 2019): a sample is "covered" when it lies inside the k-NN ball of
   some sample of the other set; distances are computed in row blocks so memory stays bounded.
 - CLIP score: the mean cosine between paired image and text embeddings, raw (about 0.30 for SD 1.5), not x100.
+- Blue fraction: the share of pixels whose blue channel exceeds both red and green by a margin (how far blue-tone
+  guidance has taken the images).
 """
 
 from __future__ import annotations
@@ -68,3 +70,10 @@ def paired_cosines(image_features: np.ndarray, text_features: np.ndarray) -> np.
 def clip_score(image_features: np.ndarray, text_features: np.ndarray) -> float:
     """Mean over pairs of cos(image_i, text_i)."""
     return float(paired_cosines(image_features, text_features).mean())
+
+
+def blue_fraction(images: list[np.ndarray], margin: int = 25) -> float:
+    """Mean over images of the fraction of pixels with B > max(R, G) + margin (uint8 HxWx3 images)."""
+    stack = np.stack(images).astype(np.int16)
+    blue = stack[..., 2] > np.maximum(stack[..., 0], stack[..., 1]) + margin
+    return float(blue.mean())

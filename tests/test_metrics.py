@@ -56,3 +56,14 @@ def test_clip_score_is_the_raw_mean_cosine():
     image = np.array([[1.0, 0.0], [0.0, 2.0]])
     text = np.array([[1.0, 1.0], [0.0, 1.0]])
     assert clip_score(image, text) == pytest.approx((1 / np.sqrt(2) + 1.0) / 2)
+
+
+def test_blue_fraction_by_hand():
+    from evaluation.metrics import blue_fraction
+
+    image = np.zeros((2, 2, 3), dtype=np.uint8)
+    image[0, 0] = (0, 0, 200)  # blue
+    image[0, 1] = (180, 0, 200)  # blue beats red by 20 < 25: not blue
+    image[1, 0] = (255, 255, 255)  # white
+    assert blue_fraction([image]) == 0.25
+    assert blue_fraction([image, np.zeros_like(image)]) == 0.125

@@ -1,0 +1,100 @@
+"""The demo's report.md: the seed's Table 5 for the digits world, the sweep plot, blue-tone before and after,
+time and memory, and image grids with the same prompts and seeds for every model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from evaluation.sweep import slug
+
+GRID_COLUMNS = 8
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _cell(value, digits: int = 4) -> str:
+    return "" if value is None else (f"{value:.{digits}g}" if isinstance(value, float) else str(value))
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+
+
+def labelled_grid(rows: list[tuple[str, Path]], path: Path, side: int = 64) -> None:
+    """One row per model: its first GRID_COLUMNS images (the same prompts and seeds), with the label on the left."""
+    label_width = 230
+    grid = Image.new("RGB", (label_width + GRID_COLUMNS * side, len(rows) * side), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, folder) in enumerate(rows):
+        draw.text((4, r * side + side // 2 - 6), label, fill="black")
+        for c in range(GRID_COLUMNS):
+            image_path = folder / "images" / f"{c:05d}.png"
+            if image_path.is_file():
+                with Image.open(image_path) as image:
+                    grid.paste(image.convert("RGB").resize((side, side), Image.NEAREST),
+                               (label_width + c * side, r * side))
+    grid.save(path)
+
+
+def write_report(root: Path, world, settings, seconds: float) -> Path:
+    evals = root / "eval"
+    info = _json(world.root / "world.json")
+    sweep = list(csv.DictReader(open(evals / "sweep" / "sweep.csv")))
+    speed = {r["label"]: r for r in _json(evals / "speed" / "speed.json")["results"]}
+    alpha = settings.alpha
+    by_label = {r["label"]: r for r in sweep}
+    teacher_1, teacher_a = by_label["teacher no guidance"], by_label[f"teacher cfg {alpha:g}"]
+    student = next(r for r in sweep if r["kind"] == "cfg-distill")
+    w_student = next(r for r in sweep if r["kind"] == "w-distill")
+
+    def table5_row(name: str, row: dict) -> list:
+        timing = speed.get(row["label"], {})  # evaluation labels a model the same way in sweep and speed
+        return [name, float(row["clip_score"]), float(row["fid"]), timing.get("unet_passes_per_step"),
+                timing.get("seconds_per_step"), timing.get("peak_memory_mb"), timing.get("time_over_cfg_teacher")]
+
+    lines = [
+        "# The digits world: guidance distillation end to end", "",
+        f"Whole demo: {seconds / 60:.1f} min on this machine (world reused when cached).", "",
+        "## The world", "",
+        f"- scikit-learn digits, {info['data']['train_images']} train / {info['data']['eval_images']} evaluation "
+        f"images (disjoint, stratified), 32 px RGB; {info['data']['train_records']} captioned records in "
+        "img2dataset tars, and a COCO-2014-style evaluation folder.",
+        f"- Teacher: StableDiffusionPipeline layout (VAE factor 4, CLIP text encoder with the real tokenizer, "
+        f"cross-attention UNet, SD's scheduler), trained here in {info['teacher']['seconds'] / 60:.1f} min.",
+        f"- Digit classifier: held-out accuracy **{info['classifier']['heldout_accuracy']:.3f}**; its features give "
+        "digit-FID (and PR), its probability of the prompted digit gives digit-CLIP.", "",
+        f"## Table 5 of the seed, for this world (CFG scale {alpha:g}, {settings.sample_steps} DDIM steps, "
+        f"{settings.eval_images} evaluation captions)", "",
+        *_table(["model", "digit-CLIP (higher is better)", "digit-FID (lower is better)", "UNet passes per step",
+                 "s per step", "peak MiB", "time / CFG teacher"],
+                [table5_row("teacher, no guidance", teacher_1), table5_row("student-cfg (distilled, no guidance)", student),
+                 table5_row(f"teacher, CFG {alpha:g}", teacher_a),
+                 table5_row(f"student-w at w = {alpha:g}", w_student)]), "",
+        "## The teacher across CFG scales, and the students", "", "![sweep](eval/sweep/sweep.png)", "",
+        *_table(["point", "digit-CLIP", "digit-FID"], [[r["label"], float(r["clip_score"]), float(r["fid"])] for r in sweep]),
+        "",
+        f"## Blue-tone guidance (gamma = {settings.gamma:g})", "",
+        "Share of pixels whose blue channel exceeds red and green by 25/255, and digit-CLIP.", "",
+        *_table(["model", "blue fraction", "digit-CLIP"],
+                [[name, _json(evals / name / "metrics.json")["blue_fraction"],
+                  _json(evals / name / "metrics.json")["clip_score"]] for name in settings.blue_models(world.teacher, root)]),
+        "",
+        f"## Time and memory (`evaluation speed`, batch {settings.speed_batch}, {settings.sample_steps} steps)", "",
+        *(evals / "speed" / "speed.md").read_text().splitlines(), "",
+        "## Samples: the same prompts and seeds in every row", "", "![grids](grids.png)", "",
+    ]
+    prompts = _json(evals / "sweep" / slug(teacher_1["label"]) / "prompts.json")["prompts"][:GRID_COLUMNS]
+    lines += [f"Columns: {'; '.join(prompts)}.", ""]
+    rows = [(r["label"], evals / "sweep" / slug(r["label"])) for r in sweep]
+    rows += [(name, evals / name) for name in settings.blue_models(world.teacher, root)]
+    labelled_grid(rows, root / "grids.png")
+    report = root / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

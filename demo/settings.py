@@ -1,0 +1,38 @@
+"""The demo's numbers in one place: the full run (`make demo`) and the fast one the test suite runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from digits.world import FAST as FAST_WORLD
+from digits.world import WorldRecipe
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    world: WorldRecipe = field(default_factory=WorldRecipe)
+    shard_samples: int = 100000  # every train record
+    alpha: float = 3.0  # the CFG scale distilled into student-cfg (and the CFG teacher it is compared with)
+    gamma: float = 1000.0  # blue-tone guidance strength (our blue loss is a mean over pixels: see docs/digits.md)
+    w_min: float = 1.0
+    w_max: float = 6.0
+    fit_steps: int = 1000
+    fit_batch: int = 64
+    fit_lr: float = 1e-4
+    eval_images: int = 300
+    sample_steps: int = 25
+    sweep_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+    speed_batch: int = 16
+    speed_repeats: int = 3
+
+    def blue_models(self, teacher: Path, root: Path) -> dict[str, str]:
+        """Blue-tone guidance: the teacher it starts from (conditional, no CFG), the blue-guided teacher, and the
+        distilled student; each sampled at guidance 1 apart from the classifier guidance itself."""
+        return {"teacher-cond": f"{teacher}@cfg=1", "teacher-blue": f"{teacher}@blue={self.gamma}",
+                "student-blue": str(root / "student-blue")}
+
+
+FULL = DemoSettings()
+FAST = DemoSettings(world=FAST_WORLD, shard_samples=64, fit_steps=4, fit_batch=8, eval_images=16, sample_steps=3,
+                    sweep_scales=(1.0, 3.0), speed_batch=2, speed_repeats=1)

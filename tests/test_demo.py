@@ -1,0 +1,81 @@
+"""The demo's fast variant: the digits world and every method through the real commands, end to end.
+
+It proves the chain (world -> build-shards -> fit -> evaluation -> report), not the quality: the fast world's
+teacher trains for a few steps only. `make demo` runs the full version.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def fast_demo(tmp_path_factory):
+    from demo.__main__ import main
+
+    out = tmp_path_factory.mktemp("demo")
+    with pytest.raises(SystemExit) as done:
+        main(["--out", str(out), "--fast"])
+    assert done.value.code in (0, None)
+    return out
+
+
+def test_world_is_in_the_real_formats(fast_demo):
+    from diffusers import StableDiffusionPipeline
+
+    from digits.data import digit_in
+    from evaluation.coco import read_captions, reference_images
+    from pipeline.sources import list_units
+
+    world = fast_demo / "world"
+    info = json.loads((world / "world.json").read_text())
+    assert info["data"]["train_images"] + info["data"]["eval_images"] == 1797
+    assert 0.0 <= info["classifier"]["heldout_accuracy"] <= 1.0
+    units = list_units(str(world / "source"), 500, "file", "caption")
+    assert sum(u.count() for u in units) == info["data"]["train_records"]
+    captions = read_captions(world / "coco")
+    assert len(captions) == 2 * info["data"]["eval_images"] and all(digit_in(c["caption"]) is not None for c in captions)
+    assert len(reference_images(world / "coco")) == info["data"]["eval_images"]
+    pipe = StableDiffusionPipeline.from_pretrained(world / "teacher", local_files_only=True)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
+
+
+def test_train_and_eval_splits_are_disjoint():
+    from digits.data import load_digits, split
+
+    _, labels = load_digits()
+    train, evaluation = split(labels)
+    assert not set(train) & set(evaluation) and len(train) + len(evaluation) == len(labels)
+    assert set(labels[evaluation]) == set(range(10))
+
+
+def test_report_has_every_section_and_grids(fast_demo):
+    report = (fast_demo / "report.md").read_text()
+    for heading in ("Table 5 of the seed", "across CFG scales", "Blue-tone guidance", "Time and memory", "Samples"):
+        assert heading in report
+    assert "| student-cfg (distilled, no guidance) |" in report
+    grid = np.asarray(Image.open(fast_demo / "grids.png"))
+    assert grid.shape[0] == 64 * 7  # sweep points (2 scales + 2 students) + the three blue rows
+    for name in ("cfg", "blue", "w"):
+        record = json.loads((fast_demo / f"student-{name}" / "distillation.json").read_text())
+        assert record["steps"] == 4
+    assert (fast_demo / "eval" / "sweep" / "sweep.png").is_file()
+
+
+def test_captions_name_their_digit_and_images_are_coloured():
+    import random
+
+    from digits.data import TEMPLATES, WORDS, caption, digit_in, load_digits, to_image
+
+    rng = random.Random(0)
+    assert all(digit_in(caption(d, rng)) == d for d in range(10) for _ in range(20))
+    assert all(digit_in(t.format(word=WORDS[3], digit=3)) == 3 for t in TEMPLATES)
+    images, _ = load_digits()
+    plain = np.asarray(to_image(images[0]))
+    assert plain.shape == (32, 32, 3) and (plain[..., 0] == plain[..., 2]).all()  # white on black
+    coloured = np.asarray(to_image(images[0], rng=random.Random(1)))
+    assert not (coloured[..., 0] == coloured[..., 2]).all()
