@@ -15,6 +15,19 @@ from evaluation.coco30k import EvalConfig
 option = dataclass_option(EvalConfig)
 
 
+def model_options(function):
+    """Which model to render, and with what guidance."""
+    for decorator in reversed([
+        option("model", "StableDiffusionPipeline folder: a teacher or any student `trainer fit` wrote (or "
+               "PATH@cfg=S, PATH@blue=GAMMA).", required=True),
+        option("guidance_scale", "CFG scale for a teacher [7.5], w for a w-student, gamma with "
+               "--classifier-guidance.", type=float),
+        option("classifier_guidance", "Teacher only: clip, blue or MODULE:FUNCTION guidance instead of CFG."),
+    ]):
+        function = decorator(function)
+    return function
+
+
 def render_options(function):
     """What every command needs to render images."""
     for decorator in reversed([
@@ -56,13 +69,9 @@ def cli() -> None:
 
 @cli.command("render")
 @config_option
-@option("model", "StableDiffusionPipeline folder: a teacher or any student `trainer fit` wrote (or PATH@cfg=S, "
-        "PATH@blue=GAMMA).", required=True)
+@model_options
 @option("out", "Output folder (images/NNNNN.png, prompts.json); re-runs skip what exists.", required=True,
         type=click.Path(file_okay=False))
-@option("guidance_scale", "CFG scale for a teacher [7.5], w for a w-student, gamma with --classifier-guidance.",
-        type=float)
-@option("classifier_guidance", "Teacher only: clip, blue or MODULE:FUNCTION guidance instead of CFG.")
 @render_options
 @option("coco", "COCO-2014 folder whose captions to render.", type=click.Path(file_okay=False))
 @option("prompts", "Prompt file (one per line, or JSON).", type=click.Path(dir_okay=False))
@@ -83,14 +92,10 @@ def render(**options) -> None:
 
 @cli.command("coco30k")
 @config_option
-@option("model", "StableDiffusionPipeline folder: a teacher or any student `trainer fit` wrote (or PATH@cfg=S, "
-        "PATH@blue=GAMMA).", required=True)
+@model_options
 @option("out", "Output folder: images/, prompts.json, metrics.json, report.md, grid.png.", required=True,
         type=click.Path(file_okay=False))
 @option("metrics", "Comma list of fid, clip, pr, blue (the share of blue pixels).")
-@option("guidance_scale", "CFG scale for a teacher [7.5], w for a w-student, gamma with --classifier-guidance.",
-        type=float)
-@option("classifier_guidance", "Teacher only: clip, blue or MODULE:FUNCTION guidance instead of CFG.")
 @metric_options
 @render_options
 def coco30k(**options) -> None:
