@@ -116,7 +116,7 @@ def protocol(cfg: EvalConfig, prompts: list[str], source: str, evaluators: dict)
         "num_images": len(prompts), "prompt_source": source, "prompts_sha256": prompts_sha256(prompts),
         "eval_size": 256, "resize": "centre crop + PIL LANCZOS", "fid_mode": "clean (clean-fid)",
         "num_inference_steps": cfg.num_inference_steps, "seed": cfg.seed,
-        "dtype": cfg.dtype, "clip_text_prefix": "A photo depicts ", "pr_k": 3,
+        "dtype": cfg.dtype, "evaluator": cfg.evaluator, "clip_text_prefix": "A photo depicts ", "pr_k": 3,
         "weights_sha256": {name: e.checksum for name, e in evaluators.items()},
     }
 
@@ -134,10 +134,13 @@ def evaluate_spec(spec, prompts: list[str], source: str, out: Path, cfg: EvalCon
     del renderer
     if not state.is_main_process:
         return None
+    record = {"model": spec.to_dict(), "render": timing, "resolution": resolution}
+    metrics = cfg.metric_list()
+    if not metrics:  # `evaluation render`: images only
+        return record
     images = [prepare_256_array(a) for a in load_images(out, len(prompts))]
-    result = score(images, prompts, evaluators, Path(cfg.coco) if cfg.coco else None, Path(cfg.cache_dir),
-                   cfg.metric_list())
-    return {**result, "model": spec.to_dict(), "render": timing, "resolution": resolution}
+    coco = Path(cfg.coco) if cfg.coco else None
+    return {**score(images, prompts, evaluators, coco, Path(cfg.cache_dir), metrics), **record}
 
 
 def model_spec(cfg: EvalConfig):
