@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from evaluation.report import markdown_table
 from evaluation.sweep import slug
 
 GRID_COLUMNS = 8
@@ -16,15 +17,6 @@ GRID_COLUMNS = 8
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text())
-
-
-def _cell(value, digits: int = 4) -> str:
-    return "" if value is None else (f"{value:.{digits}g}" if isinstance(value, float) else str(value))
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
 
 
 def labelled_grid(rows: list[tuple[str, Path]], path: Path, side: int = 64) -> None:
@@ -49,6 +41,7 @@ def write_report(root: Path, world, settings, seconds: float) -> Path:
     sweep = list(csv.DictReader(open(evals / "sweep" / "sweep.csv")))
     speed = {r["label"]: r for r in _json(evals / "speed" / "speed.json")["results"]}
     alpha = settings.alpha
+    blue = {name: _json(evals / name / "metrics.json") for name in settings.blue_models(world.teacher, root)}
     by_label = {r["label"]: r for r in sweep}
     teacher_1, teacher_a = by_label["teacher no guidance"], by_label[f"teacher cfg {alpha:g}"]
     student = next(r for r in sweep if r["kind"] == "cfg-distill")
@@ -72,19 +65,18 @@ def write_report(root: Path, world, settings, seconds: float) -> Path:
         "digit-FID (and PR), its probability of the prompted digit gives digit-CLIP.", "",
         f"## Table 5 of the seed, for this world (CFG scale {alpha:g}, {settings.sample_steps} DDIM steps, "
         f"{settings.eval_images} evaluation captions)", "",
-        *_table(["model", "digit-CLIP (higher is better)", "digit-FID (lower is better)", "UNet passes per step",
+        *markdown_table(["model", "digit-CLIP (higher is better)", "digit-FID (lower is better)", "UNet passes per step",
                  "s per step", "peak MiB", "time / CFG teacher"],
                 [table5_row("teacher, no guidance", teacher_1), table5_row("student-cfg (distilled, no guidance)", student),
                  table5_row(f"teacher, CFG {alpha:g}", teacher_a),
                  table5_row(f"student-w at w = {alpha:g}", w_student)]), "",
         "## The teacher across CFG scales, and the students", "", "![sweep](eval/sweep/sweep.png)", "",
-        *_table(["point", "digit-CLIP", "digit-FID"], [[r["label"], float(r["clip_score"]), float(r["fid"])] for r in sweep]),
+        *markdown_table(["point", "digit-CLIP", "digit-FID"], [[r["label"], float(r["clip_score"]), float(r["fid"])] for r in sweep]),
         "",
         f"## Blue-tone guidance (gamma = {settings.gamma:g})", "",
         "Share of pixels whose blue channel exceeds red and green by 25/255, and digit-CLIP.", "",
-        *_table(["model", "blue fraction", "digit-CLIP"],
-                [[name, _json(evals / name / "metrics.json")["blue_fraction"],
-                  _json(evals / name / "metrics.json")["clip_score"]] for name in settings.blue_models(world.teacher, root)]),
+        *markdown_table(["model", "blue fraction", "digit-CLIP"],
+                [[name, blue[name]["blue_fraction"], blue[name]["clip_score"]] for name in blue]),
         "",
         f"## Time and memory (`evaluation speed`, batch {settings.speed_batch}, {settings.sample_steps} steps)", "",
         *(evals / "speed" / "speed.md").read_text().splitlines(), "",
@@ -93,7 +85,7 @@ def write_report(root: Path, world, settings, seconds: float) -> Path:
     prompts = _json(evals / "sweep" / slug(teacher_1["label"]) / "prompts.json")["prompts"][:GRID_COLUMNS]
     lines += [f"Columns: {'; '.join(prompts)}.", ""]
     rows = [(r["label"], evals / "sweep" / slug(r["label"])) for r in sweep]
-    rows += [(name, evals / name) for name in settings.blue_models(world.teacher, root)]
+    rows += [(name, evals / name) for name in blue]
     labelled_grid(rows, root / "grids.png")
     report = root / "report.md"
     report.write_text("\n".join(lines) + "\n")

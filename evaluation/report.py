@@ -21,8 +21,13 @@ def image_grid(paths: list[Path], columns: int = 4, side: int = 128) -> Image.Im
     return grid
 
 
-def format_number(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+def markdown_table(header: list[str], rows: list[list], float_format: str = ".4g") -> list[str]:
+    """A Markdown table as lines; floats in `float_format`, None as an empty cell."""
+    def cell(value) -> str:
+        return "" if value is None else (format(value, float_format) if isinstance(value, float) else str(value))
+
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
 
 
 def write_report(out: Path, record: dict, prompts: list[str]) -> Path:
@@ -34,8 +39,7 @@ def write_report(out: Path, record: dict, prompts: list[str]) -> Path:
         f"# Evaluation: {record['model']['label']}", "",
         f"{protocol['num_images']} images at {protocol['resolution']} px, {protocol['num_inference_steps']} steps, "
         f"seed {protocol['seed']} (+ prompt index); prompts sha256 {protocol['prompts_sha256'][:16]}.", "",
-        "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
-        "| " + " | ".join(format_number(record[k]) for k in names) + " |", "",
+        *markdown_table(names, [[record[k] for k in names]], ".4f"), "",
         f"Rendering: {record['render']['rendered']} images in {record['render']['seconds']:.1f}s on rank 0 "
         f"({record['render']['skipped']} already on disk).", "",
         "![first images](grid.png)", "",

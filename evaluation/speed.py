@@ -21,6 +21,7 @@ import torch
 
 from evaluation.models import ModelSpec
 from evaluation.render import Renderer
+from evaluation.report import markdown_table
 
 MB = 2**20
 
@@ -157,9 +158,7 @@ def format_table(results: list[dict]) -> list[str]:
                "time_over_cfg_teacher", "memory_over_cfg_teacher", "time_over_classifier_teacher",
                "memory_over_classifier_teacher"]
     columns = [c for c in columns if any(c in r for r in results)]
-    cell = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
-        "| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in results]
+    return markdown_table(columns, [[r.get(c) for c in columns] for r in results])
 
 
 def bar_chart(results: list[dict], path: Path) -> None:

@@ -159,7 +159,7 @@ W_CONVENTION = ("w is diffusers' guidance_scale s in eps_uncond + s (eps_cond - 
                 "computes it")
 
 
-def _record(cfg: FitConfig, info: dict, teacher, state: TrainState, accelerator) -> dict[str, Any]:
+def _record(cfg: FitConfig, info: dict, run: dict, teacher, state: TrainState, accelerator) -> dict[str, Any]:
     """distillation.json: what the student is, what it came from, and how to sample it."""
     recent = list(state.recent_losses)
     w_distill = cfg.method == "w-distill"
@@ -171,7 +171,7 @@ def _record(cfg: FitConfig, info: dict, teacher, state: TrainState, accelerator)
         "guidance": info.get("guidance"),
         "teacher": {"path": str(Path(teacher.root).resolve()), "fingerprint": teacher.fingerprint},
         "shards": {"path": str(Path(cfg.shards).resolve()), "kind": info.get("kind"),
-                   "manifest_sha256": sha256_file(Path(cfg.shards) / MANIFEST), "samples": info.get("samples")},
+                   "manifest_sha256": run["manifest_sha256"], "samples": info.get("samples")},
         "steps": state.step,
         "global_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
         "ema_decay": cfg.ema_decay,
@@ -185,22 +185,23 @@ def _record(cfg: FitConfig, info: dict, teacher, state: TrainState, accelerator)
     }
 
 
-def export_student(cfg, accelerator, student, ema, info, teacher, state) -> None:
+def export_student(cfg, accelerator, student, ema, info, run, teacher, state) -> None:
     unet = accelerator.unwrap_model(student)
     if accelerator.is_main_process:
         if ema is not None:
             ema.store(unet.parameters())
             ema.copy_to(unet.parameters())
-        save_student(unet, teacher.root, Path(cfg.out), _record(cfg, info, teacher, state, accelerator))
+        save_student(unet, teacher.root, Path(cfg.out), _record(cfg, info, run, teacher, state, accelerator))
         if ema is not None:
             ema.restore(unet.parameters())
     accelerator.wait_for_everyone()
 
 
 def _open_key_log(cfg: FitConfig, accelerator):
-    """--record-keys: OUT/logs/keys-rankR.tsv, one line (step, record key) per sample this rank trained on."""
+    """--record-keys: OUT/logs/keys-rankR.tsv, one line (step, record key) per sample this rank trained on;
+    otherwise a context that yields None."""
     if not cfg.record_keys:
-        return None
+        return nullcontext()
     path = Path(cfg.out) / "logs" / f"keys-rank{accelerator.process_index}.tsv"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.open("a", buffering=1)
@@ -245,10 +246,10 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
         accelerator.init_trackers("fit", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                  for k, v in cfg.to_dict().items()})
     status = "done"
-    key_log = _open_key_log(cfg, accelerator)
     step_seconds = []  # inside train_step: data wait included, checkpoints and export not
-    with StopRequest() as stop, tqdm(total=cfg.max_steps, initial=state.step, desc=f"fit {cfg.method}",
-                                     unit="step", disable=not accelerator.is_main_process) as progress:
+    progress_bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"fit {cfg.method}", unit="step",
+                        disable=not accelerator.is_main_process)
+    with _open_key_log(cfg, accelerator) as key_log, StopRequest() as stop, progress_bar as progress:
         while state.step < cfg.max_steps:
             started = time.perf_counter()
             loss = train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, teacher.schedule,
@@ -269,10 +270,8 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
             if stop.agreed:
                 status = "interrupted"
                 break
-    if key_log is not None:
-        key_log.close()
     if status == "done":
-        export_student(cfg, accelerator, student, ema, info, teacher, state)
+        export_student(cfg, accelerator, student, ema, info, run, teacher, state)
     accelerator.end_training()
     last = state.recent_losses[-1] if state.recent_losses else math.nan
     return {"status": status, "step": state.step, "loss": last, "nonfinite_steps": state.nonfinite_total,
