@@ -1,4 +1,4 @@
-"""Samplers, one signature each: (model pieces, initial noise, prompts, steps) -> clean latents.
+"""Samplers, one signature each: (model pieces, initial noise, prompts or their embeddings, steps) -> clean latents.
 
 The deterministic steps are diffusers' DDIM (Song et al. 2021) on the teacher's own scheduler config, so a
 custom guidance rule sees exactly the grid `StableDiffusionPipeline` would use.
@@ -11,7 +11,14 @@ from diffusers import DDIMScheduler
 
 from diffusion.classifier_guidance import GuidanceLoss, eps_and_grad
 from diffusion.guidance import classifier_guided_eps
+from diffusion.schedule import NoiseSchedule
 from diffusion.teacher import Teacher
+from diffusion.unet import unet_eps
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """One standard normal latent per seed, drawn on the CPU: independent of batch size, process count, device."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 def ddim_scheduler(scheduler_config: dict, steps: int) -> DDIMScheduler:
@@ -35,3 +42,14 @@ def classifier_guided_ddim(
         guided = classifier_guided_eps(eps, grad, teacher.schedule.beta(t_batch, eps), gamma)
         z = scheduler.step(guided, t, z).prev_sample
     return z
+
+
+def sid_one_step(unet, schedule: NoiseSchedule, noise: torch.Tensor, t_init: int, text: torch.Tensor,
+                 forward=None) -> torch.Tensor:
+    """The SiD one-step generator (Zhou et al. 2024, SiD-LSG eq. 2): x_g = f(sigma_init z, t_init, c) read as x0,
+    i.e. (z_init - sigma_init eps) / a_init with z_init = sigma_init z = sqrt(1 - alphabar_tinit) z. Float32;
+    differentiable in the generator's weights. The same function trains the generator and samples it."""
+    t = torch.full((noise.shape[0],), int(t_init), dtype=torch.long, device=noise.device)
+    z_init = schedule.sigma(t, noise) * noise.float()
+    eps = unet_eps(unet, schedule, z_init, t, text, forward=forward)
+    return schedule.eps_to_x0(z_init, eps, t)

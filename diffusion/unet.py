@@ -82,3 +82,44 @@ def add_guidance_embedding(unet: UNet2DConditionModel, embedding_dim: int = 256)
     torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
     student.to(unet.device)
     return student if student.dtype == unet.dtype else student.to(unet.dtype)
+
+
+def guided_eps(
+    unet: UNet2DConditionModel,
+    schedule: NoiseSchedule,
+    z_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    kappas: tuple[float, ...],
+    forward: Callable[..., Any] | None = None,
+) -> list[torch.Tensor]:
+    """eps_uncond + kappa (eps_cond - eps_uncond) for each kappa, float32, differentiable in z_t.
+
+    One forward of 2B samples (cond and uncond batched) when some kappa != 1; a single conditional forward of
+    B samples when every kappa is 1. `uncond` may be one row, broadcast to the batch.
+    """
+    if all(k == 1.0 for k in kappas):
+        eps = unet_eps(unet, schedule, z_t, t, cond, forward=forward)
+        return [eps for _ in kappas]
+    batch = z_t.shape[0]
+    uncond = uncond.expand(batch, -1, -1) if uncond.shape[0] == 1 else uncond
+    eps = unet_eps(unet, schedule, torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([cond, uncond]),
+                   forward=forward)
+    eps_cond, eps_uncond = eps[:batch], eps[batch:]
+    return [eps_uncond + k * (eps_cond - eps_uncond) for k in kappas]
+
+
+def guided_x0(
+    unet: UNet2DConditionModel,
+    schedule: NoiseSchedule,
+    z_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    kappas: tuple[float, ...],
+    forward: Callable[..., Any] | None = None,
+) -> list[torch.Tensor]:
+    """The guided denoiser: x0 = (z_t - sigma_t eps_kappa) / a_t for each kappa (see `guided_eps`)."""
+    return [schedule.eps_to_x0(z_t.float(), eps, t) for eps in guided_eps(unet, schedule, z_t, t, cond, uncond,
+                                                                          kappas, forward)]

@@ -90,6 +90,31 @@ def render(**options) -> None:
     evaluate_spec(spec, prompts, source, Path(cfg.out), cfg, {}, state)
 
 
+@cli.command("generate")
+@model_options
+@click.option("--prompt", required=True, help="The text prompt.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the initial noise (the image for a seed is fixed).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The PNG to write.")
+@option("num_inference_steps", "Sampling steps (a one-step generator takes one, whatever this says).", type=int)
+@option("dtype", "Compute dtype of the models.", type=click.Choice(sorted(DTYPES)))
+@option("resolution", "Image side in pixels [the model's].", type=int)
+def generate(model, guidance_scale, classifier_guidance, prompt, seed, out, num_inference_steps, dtype,
+             resolution) -> None:
+    """One image for one prompt and seed, with any model: a one-step generator, a student or a teacher.
+
+    The same noise and sampler as `evaluation render` image 0 with --seed SEED, so the two agree."""
+    from evaluation.coco30k import model_spec
+    from evaluation.render import Renderer, save_png
+
+    spec = model_spec(EvalConfig(model=model, out="", guidance_scale=guidance_scale,
+                                 classifier_guidance=classifier_guidance))
+    renderer = Renderer(spec, num_inference_steps, dtype, resolution=resolution)
+    (image,) = renderer.render([prompt], [seed])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_png(image, Path(out))
+    click.echo(f"{out}: {spec.label}, seed {seed}, {renderer.steps} step(s)")
+
+
 @cli.command("coco30k")
 @config_option
 @model_options

@@ -134,7 +134,8 @@ def evaluate_spec(spec, prompts: list[str], source: str, out: Path, cfg: EvalCon
     del renderer
     if not state.is_main_process:
         return None
-    record = {"model": spec.to_dict(), "render": timing, "resolution": resolution}
+    record = {"model": spec.to_dict(), "render": timing, "resolution": resolution,
+              "num_inference_steps": 1 if spec.one_step else cfg.num_inference_steps}
     metrics = cfg.metric_list()
     if not metrics:  # `evaluation render`: images only
         return record
@@ -161,7 +162,8 @@ def run_coco30k(cfg: EvalConfig) -> dict | None:
     record = evaluate_spec(spec, prompts, source, out, cfg, evaluators, state)
     if record is None:
         return None
-    record["protocol"] = {**protocol(cfg, prompts, source, evaluators), "resolution": record["resolution"]}
+    record["protocol"] = {**protocol(cfg, prompts, source, evaluators), "resolution": record["resolution"],
+                          "num_inference_steps": record["num_inference_steps"]}
     record["config"] = asdict(cfg)
     (out / "metrics.json").write_text(json.dumps(record, indent=2))
     write_report(out, record, prompts)

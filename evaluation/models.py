@@ -6,6 +6,7 @@
 | teacher, `--classifier-guidance clip|blue|M:F` | DDIM with eps + gamma sqrt(beta_t) grad (gamma = --guidance-scale) | 1 + decode + backward |
 | cfg-distill / classifier-distill student | StableDiffusionPipeline at guidance_scale 1 | 1 |
 | w-distill student, `--guidance-scale w` | StableDiffusionPipeline at guidance_scale w (fed as timestep_cond) | 1 |
+| sid-lsg one-step generator | x_g = f(sqrt(1 - alphabar[t_init]) z, t_init, c), VAE decode in float32 | 1 per image |
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from diffusion.teacher import DTYPES, quiet_library_progress, resolve_teacher_di
 from trainer.export import read_distillation
 
 DEFAULT_TEACHER_SCALE = 7.5
+ONE_STEP_KINDS = ("sid-lsg",)
 
 
 @dataclass
@@ -28,6 +30,11 @@ class ModelSpec:
     kind: str  # "teacher", "teacher-classifier" or a trainer method
     guidance_scale: float  # CFG s, classifier gamma, or w
     classifier_guidance: str | None = None
+    t_init: int | None = None  # one-step generators
+
+    @property
+    def one_step(self) -> bool:
+        return self.kind in ONE_STEP_KINDS
 
     @property
     def label(self) -> str:
@@ -41,7 +48,7 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return {"folder": str(self.folder), "kind": self.kind, "guidance_scale": self.guidance_scale,
-                "classifier_guidance": self.classifier_guidance, "label": self.label}
+                "classifier_guidance": self.classifier_guidance, "t_init": self.t_init, "label": self.label}
 
 
 def describe_model(model: str, guidance_scale: float | None = None, classifier_guidance: str | None = None) -> ModelSpec:
@@ -69,6 +76,13 @@ def describe_model(model: str, guidance_scale: float | None = None, classifier_g
             raise UserError(f"{folder} has its guidance distilled in (scale {record['guidance_scale']}); sample it at "
                             "--guidance-scale 1 (the default)")
         return ModelSpec(folder, method, 1.0)
+    if method in ONE_STEP_KINDS:
+        if guidance_scale not in (None, 1.0):
+            kappas = record["guidance"]
+            raise UserError(f"{folder} is a one-step generator with its guidance distilled in (kappa "
+                            f"{kappas['kappa1']}/{kappas['kappa2']}/{kappas['kappa3']}/{kappas['kappa4']}); it takes "
+                            "no --guidance-scale")
+        return ModelSpec(folder, method, 1.0, t_init=int(record["t_init"]))
     raise UserError(f"{folder}: cannot render a {method!r} model yet")
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from diffusion.errors import UserError
 from diffusion.launch import check_world_size
+from diffusion.samplers import initial_noise
 from evaluation.models import ModelSpec, load_pipeline
 
 
@@ -27,19 +28,22 @@ def image_path(out: Path, index: int) -> Path:
     return Path(out) / "images" / f"{index:05d}.png"
 
 
-def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-
-
 class Renderer:
     """Turns (prompts, seeds) into PIL images for one model."""
 
     def __init__(self, spec: ModelSpec, steps: int, dtype: str = "fp32", device=None, clip_model="ViT-g-14",
                  clip_weights=None, resolution: int | None = None):
-        self.spec, self.steps = spec, steps
+        self.spec, self.steps = spec, 1 if spec.one_step else steps
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.pipe = self.teacher = self.loss = None
-        if spec.kind == "teacher-classifier":  # our own DDIM loop with the guidance loss; no pipeline
+        if spec.one_step:  # the generator through the same wrapper that trained it; the VAE decodes in float32
+            from diffusion.teacher import load_teacher
+
+            self.teacher = load_teacher(spec.folder, dtype, self.device)
+            self.unet, self.vae = self.teacher.unet, self.teacher.vae
+            if self.vae.dtype != torch.float32:
+                self.vae.to(torch.float32)
+        elif spec.kind == "teacher-classifier":  # our own DDIM loop with the guidance loss; no pipeline
             from diffusion.classifier_guidance import resolve_guidance
             from diffusion.teacher import load_teacher
 
@@ -60,6 +64,12 @@ class Renderer:
     def latents(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """Clean latents for the prompts, from noise seeded per image."""
         noise = initial_noise(seeds, self.latent_shape)
+        if self.spec.one_step:
+            from diffusion.samplers import sid_one_step
+
+            with torch.no_grad():
+                text = self.teacher.encode_text(prompts)
+                return sid_one_step(self.unet, self.teacher.schedule, noise.to(self.device), self.spec.t_init, text)
         if self.teacher is not None:
             from diffusion.samplers import classifier_guided_ddim
 

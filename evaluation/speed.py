@@ -99,6 +99,7 @@ def measure(spec: ModelSpec, prompts: list[str], steps: int, repeats: int, dtype
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     batch_seconds = statistics.median(times)
+    steps = renderer.steps  # 1 for a one-step generator, whatever was asked
     result = {
         "label": spec.label, "kind": spec.kind, "guidance_scale": spec.guidance_scale,
         "batch_size": len(prompts), "steps": steps,
@@ -129,7 +130,7 @@ def measure_in_fresh_process(spec: ModelSpec, prompts: list[str], steps: int, re
 
 def _child(job: dict) -> None:
     spec = job.pop("spec")
-    spec = ModelSpec(Path(spec["folder"]), spec["kind"], spec["guidance_scale"], spec["classifier_guidance"])
+    spec = ModelSpec(**{**spec, "folder": Path(spec["folder"])})
     print(json.dumps(measure(spec, **job)))
 
 
@@ -138,7 +139,8 @@ if __name__ == "__main__":
 
 
 def add_ratios(results: list[dict]) -> list[dict]:
-    """time and memory over the CFG-guided teacher's and over the classifier-guided teacher's, where present."""
+    """Time per image and peak memory over the CFG-guided teacher's and over the classifier-guided teacher's,
+    where present (per image, so a one-step generator compares with an N-step teacher as a user sees it)."""
     references = {
         "cfg": next((r for r in results if r["kind"] == "teacher" and r["guidance_scale"] != 1), None),
         "classifier": next((r for r in results if r["kind"] == "teacher-classifier"), None),
@@ -147,7 +149,7 @@ def add_ratios(results: list[dict]) -> list[dict]:
         for name, ref in references.items():
             if ref is None:
                 continue
-            result[f"time_over_{name}_teacher"] = result["seconds_per_step"] / ref["seconds_per_step"]
+            result[f"time_over_{name}_teacher"] = result["seconds_per_image"] / ref["seconds_per_image"]
             if result["peak_memory_mb"] and ref["peak_memory_mb"]:
                 result[f"memory_over_{name}_teacher"] = result["peak_memory_mb"] / ref["peak_memory_mb"]
     return results
@@ -169,8 +171,8 @@ def bar_chart(results: list[dict], path: Path) -> None:
 
     labels = [r["label"] for r in results]
     figure, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(labels) + 1.5))
-    axes[0].barh(labels, [r["seconds_per_step"] * 1000 for r in results], color="tab:blue")
-    axes[0].set_xlabel("ms per denoising step (batch)")
+    axes[0].barh(labels, [r["seconds_per_image"] * 1000 for r in results], color="tab:blue")
+    axes[0].set_xlabel("ms per image (batched)")
     axes[1].barh(labels, [r["peak_memory_mb"] or 0 for r in results], color="tab:orange")
     axes[1].set_xlabel("peak memory above the loaded model (MiB)")
     axes[1].set_yticklabels([])

@@ -99,3 +99,9 @@ def write_tiny_coco(folder: Path, images: int = 12) -> Path:
                         {"id": 2 * i + 1, "image_id": image_id, "caption": f"A round {colour} shape."}]
     (folder / "annotations" / "captions_val2014.json").write_text(json.dumps({"annotations": annotations}))
     return folder
+
+
+def sid_args(teacher_dir, prompts, out, *extra) -> list[str]:
+    """`trainer fit --method sid-lsg` for the tiny teacher: quick, quiet, deterministic."""
+    return ["fit", "--method", "sid-lsg", "--teacher", str(teacher_dir), "--prompts", str(prompts), "--out", str(out),
+            "--batch-size", "2", "--lr", "1e-4", "--grid-every-kimg", "0", "--report-to", "none", *map(str, extra)]

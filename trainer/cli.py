@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import click
+from click.core import ParameterSource
 
 from diffusion.cli import config_option, dataclass_option, run_group
+from diffusion.errors import UserError
 from trainer.config import LR_SCHEDULES, MIXED_PRECISION, SHARD_KIND, FitConfig
+from trainer.sid_config import SidConfig
 
 option = dataclass_option(FitConfig)
+sid_option = dataclass_option(SidConfig)
+CONFIG_CLASS = {**{method: FitConfig for method in SHARD_KIND}, "sid-lsg": SidConfig}
 
 
 @click.group(name="trainer")
 def cli() -> None:
-    """Distil CFG, classifier guidance or a guidance range into a one-pass-per-step student."""
+    """Distil CFG, classifier guidance or a guidance range into a one-pass-per-step student, or guidance and
+    sampling into a one-step generator (SiD-LSG)."""
 
 
 @cli.command("fit")
 @config_option
-@option("method", "What to distil.", required=True, type=click.Choice(sorted(SHARD_KIND)))
-@option("teacher", "The teacher the shards were built with: StableDiffusionPipeline folder or cached hub id.", required=True)
-@option("shards", "Shard folder from `pipeline build-shards` (cfg kind, or classifier kind for classifier-distill).", required=True)
+@option("method", "What to distil.", required=True, type=click.Choice(sorted(CONFIG_CLASS)))
+@option("teacher", "The teacher (the shards' own): StableDiffusionPipeline folder or cached hub id.", required=True)
+@option("shards", "Shard folder from `pipeline build-shards` (cfg kind, or classifier kind for classifier-distill).")
 @option("out", "Output: a StableDiffusionPipeline folder + distillation.json, with checkpoints/ and logs/.", required=True, type=click.Path(file_okay=False))
 @option("guidance_scale", "alpha for cfg-distill [7.5], gamma for classifier-distill [100; 300 for CLIP in the seed].", type=float)
 @option("w_min", "w-distill: lowest guidance scale w (diffusers' guidance_scale units).", type=float)
@@ -30,13 +37,13 @@ def cli() -> None:
 @option("max_steps", "Optimiser steps in all.", type=int)
 @option("batch_size", "Samples per process per micro-batch.", type=int)
 @option("gradient_accumulation_steps", "Micro-batches per optimiser step.", type=int)
-@option("lr", "Peak learning rate (AdamW).", type=float)
+@option("lr", "Peak learning rate (AdamW); sid-lsg: the generator's Adam lr [1e-6].", type=float)
 @option("lr_scheduler", "Learning-rate schedule (diffusers.optimization).", type=click.Choice(LR_SCHEDULES))
 @option("lr_warmup_steps", "Linear warm-up steps.", type=int)
-@option("adam_beta1", "AdamW beta1.", type=float)
+@option("adam_beta1", "AdamW beta1 [sid-lsg: 0].", type=float)
 @option("adam_beta2", "AdamW beta2.", type=float)
 @option("adam_weight_decay", "AdamW weight decay.", type=float)
-@option("adam_epsilon", "AdamW epsilon.", type=float)
+@option("adam_epsilon", "AdamW epsilon [sid-lsg: 1e-8, 1e-6 under fp16].", type=float)
 @option("max_grad_norm", "Clip the gradient norm to this (0: no clipping).", type=float)
 @option("mixed_precision", "Autocast precision; the trained weights stay float32.", type=click.Choice(MIXED_PRECISION))
 @option("gradient_checkpointing", "Recompute UNet activations in the backward pass to save memory.", is_flag=True)
@@ -55,18 +62,64 @@ def cli() -> None:
 @option("log_every", "Log to the tracker every N steps.", type=int)
 @option("max_nonfinite_steps", "Stop after this many steps in a row skipped for a non-finite loss.", type=int)
 @option("record_keys", "Write OUT/logs/keys-rankR.tsv: the step and key of every record each rank trained on.", is_flag=True)
+@sid_option("prompts", "sid-lsg: prompt file, one per line, or a .parquet/.csv with --prompt-column.", type=click.Path(dir_okay=False))
+@sid_option("prompt_column", "sid-lsg: the caption column of a .parquet/.csv prompt file.")
+@sid_option("kappa", "sid-lsg: kappa1 = kappa2 = kappa3 = kappa4 (LSG); 1 = no guidance.", type=float)
+@sid_option("kappa1", "sid-lsg: guidance of the fake score network's training target [--kappa].", type=float)
+@sid_option("kappa2", "sid-lsg: the fake network's guidance in the generator loss [--kappa].", type=float)
+@sid_option("kappa3", "sid-lsg: kappa3 (= kappa2 in the seed) [--kappa].", type=float)
+@sid_option("kappa4", "sid-lsg: the teacher's guidance in the generator loss [--kappa]; Long guidance: only this > 1.", type=float)
+@sid_option("alpha", "sid-lsg: alpha of the generator loss.", type=float)
+@sid_option("t_init", "sid-lsg: the generator's timestep; its input is sqrt(1 - alphabar[t_init]) z.", type=int)
+@sid_option("t_min", "sid-lsg: lowest diffusion time of the score losses.", type=int)
+@sid_option("t_max", "sid-lsg: highest diffusion time of the score losses.", type=int)
+@sid_option("prompt_dropout", "sid-lsg: probability of \"\" for the fake network's prompts (when kappa1 or kappa2 != 1).", type=float)
+@sid_option("lr_fake", "sid-lsg: the fake score network's Adam lr [--lr].", type=float)
+@sid_option("ema_halflife_kimg", "sid-lsg: EMA half-life of the generator in thousands of images (0: none).", type=float)
+@sid_option("ema_rampup", "sid-lsg: cap the half-life at this fraction of the images seen.", type=float)
+@sid_option("teacher_precision", "sid-lsg: dtype of the frozen teacher [follows --mixed-precision].", type=click.Choice(["fp32", "fp16", "bf16"]))
+@sid_option("max_kimg", "sid-lsg: train until this many thousand generated images.", type=float)
+@sid_option("checkpoint_every_kimg", "sid-lsg: write a checkpoint every N thousand images.", type=float)
+@sid_option("grid_every_kimg", "sid-lsg: write OUT/samples/kimg-*.png every N thousand images (0: never).", type=float)
+@sid_option("grid_prompts", "sid-lsg: the first N prompts (seeds 0..N-1) in the sample grids.", type=int)
 def fit(**options) -> None:
-    """Distil the guided teacher into a student that needs one UNet pass per step.
+    """Distil the guided teacher into a student that needs one UNet pass per step (cfg-distill,
+    classifier-distill, w-distill: from shards), or into a one-step generator (sid-lsg: from prompts alone).
 
     Runs unchanged under `accelerate launch` / `torchrun`. A --config FILE (JSON, YAML or TOML) holds the
     same names as the flags; flags override it. Ctrl-C or SIGTERM writes a checkpoint before stopping.
+    Options marked sid-lsg apply to it only; options that do not apply to a method are refused.
     """
-    from trainer.fit import run_fit
+    cfg = config_for_method(options)
+    if isinstance(cfg, SidConfig):
+        from trainer.sid import run_sid
 
-    result = run_fit(FitConfig(**options))
+        result = run_sid(cfg)
+        where = f"{result['kimg']:g} kimg"
+    else:
+        from trainer.fit import run_fit
+
+        result = run_fit(cfg)
+        where = f"step {result['step']}"
     if result["status"] == "interrupted":
-        click.echo(f"interrupted at step {result['step']}; continue with --resume latest", err=True)
+        click.echo(f"interrupted at {where}; continue with --resume latest", err=True)
         raise click.exceptions.Exit(130)
+
+
+def config_for_method(options: dict) -> FitConfig | SidConfig:
+    """The method's config from the options given (on the command line or in --config); the rest keep the
+    dataclass's defaults. An option the method does not take, or a missing one it needs, is a one-line error."""
+    ctx = click.get_current_context()
+    method = options["method"]
+    config_class = CONFIG_CLASS[method]
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    if stray := sorted(set(given) - set(fields)):
+        raise UserError(f"--{stray[0].replace('_', '-')} does not apply to --method {method}")
+    for name, f in fields.items():
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in given:
+            raise UserError(f"--method {method} needs --{name.replace('_', '-')}")
+    return config_class(**given)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ Samples are batched in the main process, so every rank's count is exact whatever
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import signal
 from typing import Any, Iterator
@@ -17,6 +18,12 @@ from typing import Any, Iterator
 import torch
 
 from shards.reader import ShardStream
+
+
+def position_generator(tag: str, seed: int, *position: int) -> torch.Generator:
+    """A CPU generator that is a function of (tag, seed, position) only: resumes and ranks redraw exactly."""
+    digest = hashlib.sha256(":".join([tag, str(seed), *map(str, position)]).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def _ignore_interrupts(_worker_id: int) -> None:

@@ -6,7 +6,6 @@ runs the student, accumulates gradients, steps the optimiser, keeps the EMA, log
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from contextlib import nullcontext
@@ -31,7 +30,7 @@ from shards.manifest import MANIFEST, read_dataset_info
 from shards.reader import ShardStream
 from trainer.checkpoint import resolve_resume
 from trainer.config import FitConfig
-from trainer.data import MicroBatches
+from trainer.data import MicroBatches, position_generator
 from trainer.export import inference_recipe, save_student
 from trainer.losses import cfg_distill_loss, classifier_distill_loss, sample_w, w_distill_loss
 from trainer.resume import TrainState, load_checkpoint, save_checkpoint
@@ -72,12 +71,8 @@ def check_shards(cfg: FitConfig) -> dict[str, Any]:
     return info
 
 
-def build_student(cfg: FitConfig, teacher_root: Path) -> UNet2DConditionModel:
-    """The teacher's UNet in float32, trainable; for w-distill with the zero-initialised w embedding."""
-    unet = UNet2DConditionModel.from_pretrained(teacher_root, subfolder="unet", local_files_only=True,
-                                                torch_dtype=torch.float32)
-    if cfg.method == "w-distill":
-        unet = add_guidance_embedding(unet, cfg.w_embedding_dim)
+def prepare_unet(unet: UNet2DConditionModel, cfg) -> UNet2DConditionModel:
+    """A UNet to train: gradient checkpointing and xformers as configured, train mode, trainable."""
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if cfg.xformers:
@@ -89,10 +84,18 @@ def build_student(cfg: FitConfig, teacher_root: Path) -> UNet2DConditionModel:
     return unet.train().requires_grad_(True)
 
 
+def build_student(cfg: FitConfig, teacher_root: Path) -> UNet2DConditionModel:
+    """The teacher's UNet in float32, trainable; for w-distill with the zero-initialised w embedding."""
+    unet = UNet2DConditionModel.from_pretrained(teacher_root, subfolder="unet", local_files_only=True,
+                                                torch_dtype=torch.float32)
+    if cfg.method == "w-distill":
+        unet = add_guidance_embedding(unet, cfg.w_embedding_dim)
+    return prepare_unet(unet, cfg)
+
+
 def w_generator(seed: int, rank: int, micro_index: int) -> torch.Generator:
     """The generator for one micro-batch's w draws: a function of position, so resumes redraw the same w."""
-    digest = hashlib.sha256(f"w:{seed}:{rank}:{micro_index}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return position_generator("w", seed, rank, micro_index)
 
 
 def micro_batch_loss(cfg: FitConfig, student, schedule, batch, text, device, generator) -> torch.Tensor:
@@ -171,7 +174,7 @@ def _record(cfg: FitConfig, info: dict, run: dict, teacher, state: TrainState, a
         "guidance": info.get("guidance"),
         "teacher": {"path": str(Path(teacher.root).resolve()), "fingerprint": teacher.fingerprint},
         "shards": {"path": str(Path(cfg.shards).resolve()), "kind": info.get("kind"),
-                   "manifest_sha256": run["manifest_sha256"], "samples": info.get("samples")},
+                   "manifest_sha256": run["data_sha256"], "samples": info.get("samples")},
         "steps": state.step,
         "global_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
         "ema_decay": cfg.ema_decay,
@@ -230,10 +233,13 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
         ema.to(accelerator.device)
 
     run = {"identity": cfg.identity(), "data_layout": cfg.data_layout(accelerator.num_processes),
-           "teacher_fingerprint": teacher.fingerprint, "manifest_sha256": sha256_file(Path(cfg.shards) / MANIFEST)}
+           "teacher_fingerprint": teacher.fingerprint, "data_sha256": sha256_file(Path(cfg.shards) / MANIFEST)}
+    parts = {"unet": student, "optimizer": optimizer, "lr_scheduler": lr_scheduler, "ema": ema}
     state = TrainState()
     if (path := resolve_resume(Path(cfg.out), cfg.resume)) is not None:
-        state = load_checkpoint(path, run, accelerator, student, optimizer, lr_scheduler, ema)
+        state = TrainState.from_dict(load_checkpoint(path, run, accelerator, parts))
+        if ema is not None:
+            ema.to(accelerator.device)
         accelerator.print(f"resumed from {path} at step {state.step}")
     if state.step >= cfg.max_steps:
         accelerator.print(f"already at step {state.step} >= --max-steps {cfg.max_steps}; exporting")
@@ -262,11 +268,13 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
                 if state.step % cfg.log_every == 0:
                     accelerator.log({"loss": loss, "lr": lr_scheduler.get_last_lr()[0]}, step=state.step)
             if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                save_checkpoint(Path(cfg.out), run, cfg, accelerator, student, optimizer, lr_scheduler, ema, state)
+                save_checkpoint(Path(cfg.out), state.step, run, cfg.to_dict(), accelerator, parts, state.to_dict(),
+                                cfg.checkpoints_total_limit)
                 raise NonFiniteLoss(f"stopped at step {state.step}: {state.nonfinite_in_a_row} non-finite losses in "
                                     f"a row (lower --lr, or try --mixed-precision bf16/no)")
             if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps or stop.agreed:
-                save_checkpoint(Path(cfg.out), run, cfg, accelerator, student, optimizer, lr_scheduler, ema, state)
+                save_checkpoint(Path(cfg.out), state.step, run, cfg.to_dict(), accelerator, parts, state.to_dict(),
+                                cfg.checkpoints_total_limit)
             if stop.agreed:
                 status = "interrupted"
                 break

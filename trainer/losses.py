@@ -44,3 +44,44 @@ def w_distill_loss(
 def sample_w(batch: int, w_min: float, w_max: float, generator: torch.Generator) -> torch.Tensor:
     """w ~ U[w_min, w_max], one per sample (float32, CPU)."""
     return w_min + (w_max - w_min) * torch.rand(batch, generator=generator)
+
+
+def per_sample_sum(values: torch.Tensor) -> torch.Tensor:
+    """sum over all but the batch dimension, in float32."""
+    return values.float().flatten(1).sum(dim=1)
+
+
+def sid_fake_score_loss(eps_fake: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """SiD-LSG, the fake score network's loss: sum of (eps_fake^kappa1(x_t) - eps)^2 over the elements of each
+    sample, with x_t = a_t x_g + sigma_t eps and x_g held fixed (denoising score matching on generated data)."""
+    return per_sample_sum((eps_fake.float() - eps.float()).pow(2))
+
+
+def sid_omega(x_g: torch.Tensor, y_real: torch.Tensor, floor: float = 1e-5) -> torch.Tensor:
+    """omega = mean over C, H, W of |x_g - y_real| per sample, without gradient, clamped at `floor`;
+    shaped (B, 1, 1, 1) (SiD eq. 10's normaliser)."""
+    with torch.no_grad():
+        omega = (x_g.float() - y_real.float()).abs().flatten(1).mean(dim=1).clamp(min=floor)
+    return omega.reshape(-1, *([1] * (x_g.ndim - 1)))
+
+
+def sid_generator_loss(
+    x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float = 1.0,
+    y_fake_kappa3: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SiD-LSG, the generator's loss per sample (sum over elements):
+    (y_real - y_fake) * ((y_real - x_g) - alpha (y_real - y_fake')) / omega, with y_real the teacher's x0 at
+    kappa4, y_fake its fake twin at kappa2 and y_fake' at kappa3 (the same tensor when kappa2 = kappa3).
+    With alpha = 1 and kappa2 = kappa3 it is (y_real - y_fake)(y_fake - x_g) / omega."""
+    x_g, y_real, y_fake = x_g.float(), y_real.float(), y_fake.float()
+    y_fake3 = y_fake if y_fake_kappa3 is None else y_fake_kappa3.float()
+    omega = sid_omega(x_g, y_real)
+    return per_sample_sum((y_real - y_fake) * ((y_real - x_g) - alpha * (y_real - y_fake3)) / omega)
+
+
+def finite_samples(*tensors: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the samples (first dimension) whose values are finite in every tensor."""
+    mask = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for tensor in tensors:
+        mask &= torch.isfinite(tensor.detach()).flatten(1).all(dim=1)
+    return mask

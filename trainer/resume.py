@@ -1,4 +1,5 @@
-"""What a checkpoint holds and how every rank writes and reads it (the only distributed part of checkpoints)."""
+"""How every rank writes and reads a checkpoint (the only distributed part of checkpoints), for any loop: a
+checkpoint holds named parts (modules, optimizers, EMA, schedules) and the loop's own counters."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from diffusion.errors import UserError
 from trainer.checkpoint import (
@@ -43,9 +46,26 @@ class TrainState:
         return cls(values["step"], values["nonfinite_total"], values["nonfinite_in_a_row"], losses)
 
 
-def save_checkpoint(out: Path, run: dict, cfg, accelerator, student, optimizer, lr_scheduler, ema, state) -> Path:
-    """Every rank writes its RNG state; rank 0 writes the rest, then renames `.tmp` to the final name."""
-    final = checkpoint_dir(out, state.step)
+def _write_part(folder: Path, name: str, part, accelerator) -> None:
+    if isinstance(part, torch.nn.Module):
+        save_weights(folder, name, accelerator.unwrap_model(part).state_dict())
+    else:
+        save_state(folder, name, part.state_dict())
+
+
+def _read_part(folder: Path, name: str, part, accelerator) -> None:
+    if isinstance(part, torch.nn.Module):
+        accelerator.unwrap_model(part).load_state_dict(load_weights(folder, name))
+    else:
+        part.load_state_dict(load_state(folder, name))
+
+
+def save_checkpoint(out: Path, step: int, run: dict, config: dict, accelerator, parts: dict[str, Any],
+                    state: dict[str, Any], keep: int) -> Path:
+    """Write `checkpoints/step-NNNNNNNN/`: every rank its RNG state; rank 0 each part (a module's weights, or
+    anything with state_dict(): optimizers, EMA, LR schedule), the grad scaler and `trainer_state` (the loop's
+    counters, the run's identity, the config); then `.tmp` is renamed to the final name."""
+    final = checkpoint_dir(out, step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -53,19 +73,17 @@ def save_checkpoint(out: Path, run: dict, cfg, accelerator, student, optimizer, 
     accelerator.wait_for_everyone()
     save_state(tmp, f"rng-rank{accelerator.process_index}", rng_state())
     if accelerator.is_main_process:
-        save_weights(tmp, "unet", accelerator.unwrap_model(student).state_dict())
-        save_state(tmp, "optimizer", optimizer.state_dict())
-        if ema is not None:
-            save_state(tmp, "ema", ema.state_dict())
+        for name, part in parts.items():
+            if part is not None:
+                _write_part(tmp, name, part, accelerator)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        save_state(tmp, "trainer_state", {"state": state.to_dict(), "run": run, "config": cfg.to_dict(),
-                                          "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler})
+        save_state(tmp, "trainer_state", {"state": state, "run": run, "config": config, "scaler": scaler})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        prune_checkpoints(out, cfg.checkpoints_total_limit)
+        prune_checkpoints(out, keep)
     accelerator.wait_for_everyone()
     return final
 
@@ -75,27 +93,29 @@ def _differences(saved: dict, current: dict) -> list[str]:
             if saved.get(k) != current.get(k)]
 
 
-def load_checkpoint(path: Path, run: dict, accelerator, student, optimizer, lr_scheduler, ema) -> TrainState:
-    """Restore everything in place; refuse a checkpoint of another run, warn when only the data order changes."""
-    saved = load_state(path, "trainer_state")
-    if changed := _differences(saved["run"]["identity"], run["identity"]):
+def check_same_run(path: Path, saved_run: dict, run: dict, accelerator) -> None:
+    """Refuse a checkpoint of another run; warn when only the data order (or the data) changes."""
+    if changed := _differences(saved_run["identity"], run["identity"]):
         raise UserError(f"--resume {path}: this checkpoint is from another run ({'; '.join(changed)})")
-    if saved["run"]["teacher_fingerprint"] != run["teacher_fingerprint"]:
+    if saved_run["teacher_fingerprint"] != run["teacher_fingerprint"]:
         raise UserError(f"--resume {path}: this checkpoint was trained from another teacher")
-    if changed := _differences(saved["run"]["data_layout"], run["data_layout"]):
+    if changed := _differences(saved_run.get("data_layout", {}), run.get("data_layout", {})):
         accelerator.print(f"warning: resuming with another data layout ({'; '.join(changed)}): "
                           "the run continues, with a different data order than an uninterrupted one")
-    if saved["run"]["manifest_sha256"] != run["manifest_sha256"]:
-        accelerator.print("warning: the shard manifest changed since this checkpoint was written")
-    accelerator.unwrap_model(student).load_state_dict(load_weights(path, "unet"))
-    optimizer.load_state_dict(load_state(path, "optimizer"))
-    lr_scheduler.load_state_dict(saved["lr_scheduler"])
-    if ema is not None:
-        ema.load_state_dict(load_state(path, "ema"))
-        ema.to(accelerator.device)
+    if saved_run.get("data_sha256") != run.get("data_sha256"):
+        accelerator.print("warning: the training data (shard manifest or prompt file) changed since this checkpoint")
+
+
+def load_checkpoint(path: Path, run: dict, accelerator, parts: dict[str, Any]) -> dict[str, Any]:
+    """Restore every part, the grad scaler and this rank's RNG in place; return the saved loop state."""
+    saved = load_state(path, "trainer_state")
+    check_same_run(path, saved["run"], run, accelerator)
+    for name, part in parts.items():
+        if part is not None:
+            _read_part(path, name, part, accelerator)
     if accelerator.scaler is not None and saved["scaler"] is not None:
         accelerator.scaler.load_state_dict(saved["scaler"])
     rng_file = path / f"rng-rank{accelerator.process_index}.json"
     if rng_file.is_file():
         set_rng_state(load_state(path, f"rng-rank{accelerator.process_index}"))
-    return TrainState.from_dict(saved["state"])
+    return saved["state"]

@@ -1,0 +1,326 @@
+"""The SiD-LSG loop of `trainer fit --method sid-lsg`: a prompt list in, a one-step generator out, under accelerate.
+
+Score identity Distillation with Long-Short Guidance (Zhou et al. 2024/2025), data-free: the teacher is frozen;
+a fake score network and the generator both start as the teacher's UNet. Each iteration updates the fake network
+on the generator's current images, then the generator (1:1), each over gradient_accumulation_steps micro-batches
+(only the last one syncs under DDP). The losses live in `trainer.losses`, the one-step generator in
+`diffusion.samplers.sid_one_step`; this module feeds them. Every random draw (prompts, z, eps, t, prompt dropout)
+is a function of (seed, iteration, phase, round, rank), so a resume continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from tqdm.auto import tqdm
+
+from diffusion.errors import UserError
+from diffusion.samplers import sid_one_step
+from diffusion.teacher import load_teacher, quiet_library_progress
+from diffusion.unet import guided_eps, guided_x0
+from trainer.checkpoint import resolve_resume
+from trainer.data import position_generator
+from trainer.ema import HalfLifeEMA
+from trainer.export import save_student
+from trainer.fit import make_accelerator, prepare_unet
+from trainer.losses import finite_samples, sid_fake_score_loss, sid_generator_loss
+from trainer.prompts import PromptSampler, read_prompts
+from trainer.resume import load_checkpoint, save_checkpoint
+from trainer.sid_config import SidConfig
+from trainer.sid_samples import save_sample_grid
+from trainer.stop import StopRequest
+from trainer.text_cache import TextEmbeddingCache
+
+FAKE, GENERATOR = 0, 1
+RECENT = 100
+
+
+class NonFiniteGenerator(UserError):
+    pass
+
+
+@dataclass
+class SidState:
+    iteration: int = 0
+    images: int = 0  # generated images the generator has trained on (all ranks)
+    dropped_samples: int = 0  # samples dropped from a loss for non-finite values (all ranks)
+    nonfinite_in_a_row: int = 0  # iterations whose generator batches were all dropped
+    recent_generator: deque = field(default_factory=lambda: deque(maxlen=RECENT))
+    recent_fake: deque = field(default_factory=lambda: deque(maxlen=RECENT))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "recent_generator": list(self.recent_generator), "recent_fake": list(self.recent_fake)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SidState":
+        state = cls(**{k: v for k, v in values.items() if not k.startswith("recent_")})
+        state.recent_generator.extend(values["recent_generator"])
+        state.recent_fake.extend(values["recent_fake"])
+        return state
+
+
+@dataclass
+class SidNetworks:
+    """The three UNets and what trains them. `generator` and `fake` are accelerate-prepared (DDP) modules."""
+
+    teacher: Any  # diffusion.teacher.Teacher, frozen
+    generator: torch.nn.Module
+    fake: torch.nn.Module
+    generator_optimizer: torch.optim.Optimizer
+    fake_optimizer: torch.optim.Optimizer
+    ema: HalfLifeEMA | None
+
+    def parts(self) -> dict[str, Any]:
+        """What a checkpoint holds."""
+        return {"generator": self.generator, "fake_score": self.fake, "generator_optimizer": self.generator_optimizer,
+                "fake_optimizer": self.fake_optimizer, "generator_ema": self.ema.model if self.ema else None}
+
+    def sampling_generator(self) -> torch.nn.Module:
+        """The generator to sample and export: its EMA when there is one."""
+        return self.ema.model if self.ema is not None else _unwrap(self.generator)
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "module", module)
+
+
+class CountingEncoder:
+    """The teacher's text encoder, counting the distinct prompts the tokenizer truncates."""
+
+    def __init__(self, teacher):
+        self.teacher, self.truncated = teacher, 0
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        lengths = [len(ids) for ids in self.teacher.tokenizer(prompts, verbose=False).input_ids]
+        self.truncated += sum(n > self.teacher.tokenizer.model_max_length for n in lengths)
+        return self.teacher.encode_text(prompts)
+
+
+def draw_micro_batch(cfg: SidConfig, sampler: PromptSampler, phase: int, iteration: int, round_index: int,
+                     rank: int, world: int, latent_shape: tuple[int, ...]):
+    """Prompts, z, eps and t of one micro-batch, from its position alone; "" replaces each of the fake network's
+    prompts with probability `prompt_dropout` when its guidance is on."""
+    micro = (iteration * 2 + phase) * cfg.gradient_accumulation_steps + round_index
+    prompts = sampler.batch((micro * world + rank) * cfg.batch_size, cfg.batch_size)
+    generator = position_generator("sid", cfg.seed, micro, rank)
+    z = torch.randn((cfg.batch_size, *latent_shape), generator=generator)
+    noise = torch.randn((cfg.batch_size, *latent_shape), generator=generator)
+    t = torch.randint(cfg.t_min, cfg.t_max + 1, (cfg.batch_size,), generator=generator)
+    if phase == FAKE and cfg.uses_dropout:
+        dropped = (torch.rand(cfg.batch_size, generator=generator) < cfg.prompt_dropout).tolist()
+        prompts = ["" if drop else p for drop, p in zip(dropped, prompts)]
+    return prompts, z, noise, t
+
+
+def fake_score_loss(cfg, nets: SidNetworks, text, uncond, z, noise, t) -> tuple[torch.Tensor, int]:
+    """Sum over the finite samples of the fake network's per-sample loss, and how many were kept."""
+    schedule = nets.teacher.schedule
+    with torch.no_grad():
+        x_g = sid_one_step(_unwrap(nets.generator), schedule, z, cfg.t_init, text)
+    x_t = schedule.add_noise(x_g, noise, t)
+    (eps_fake,) = guided_eps(_unwrap(nets.fake), schedule, x_t, t, text, uncond, (cfg.kappa1,), forward=nets.fake)
+    per_sample = sid_fake_score_loss(eps_fake, noise)
+    keep = finite_samples(per_sample[:, None])
+    return per_sample[keep].sum(), int(keep.sum())
+
+
+def generator_loss(cfg, nets: SidNetworks, text, uncond, z, noise, t) -> tuple[torch.Tensor, int]:
+    """Sum over the finite samples of the generator's per-sample loss: the same x_t for the teacher (kappa4)
+    and the fake network (kappa2, kappa3); gradients reach x_g through both, never their weights."""
+    schedule, teacher = nets.teacher.schedule, nets.teacher
+    x_g = sid_one_step(_unwrap(nets.generator), schedule, z, cfg.t_init, text, forward=nets.generator)
+    x_t = schedule.add_noise(x_g, noise, t)
+    kappa2_3 = (cfg.kappa2,) if cfg.kappa2 == cfg.kappa3 else (cfg.kappa2, cfg.kappa3)
+    y_fakes = guided_x0(_unwrap(nets.fake), schedule, x_t, t, text, uncond, kappa2_3)
+    (y_real,) = guided_x0(teacher.unet, schedule, x_t, t, text, uncond, (cfg.kappa4,))
+    keep = finite_samples(x_g, y_real, *y_fakes)
+    y_fake3 = y_fakes[-1][keep] if len(y_fakes) == 2 else None
+    per_sample = sid_generator_loss(x_g[keep], y_real[keep], y_fakes[0][keep], cfg.alpha, y_fake3)
+    return per_sample.sum(), int(keep.sum())
+
+
+def clean_gradients(accelerator, module: torch.nn.Module, optimizer, clip_value: float | None) -> None:
+    """Unscale (fp16), replace non-finite gradient values (nan -> 0, +-inf -> +-1e5), clip by value if asked."""
+    if accelerator.scaler is not None:
+        accelerator.unscale_gradients(optimizer=optimizer)
+    parameters = [p for p in module.parameters() if p.grad is not None]
+    for p in parameters:
+        torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+    if clip_value is not None:
+        torch.nn.utils.clip_grad_value_(parameters, clip_value)
+
+
+def network_step(cfg, accelerator, nets: SidNetworks, phase: int, sampler, text_cache, uncond, iteration: int,
+                 latent_shape) -> tuple[float, int]:
+    """One optimiser step of the fake network (phase FAKE) or the generator; returns (loss sum, samples kept)
+    on this rank. Only the last micro-batch syncs gradients under DDP."""
+    module, optimizer = (nets.fake, nets.fake_optimizer) if phase == FAKE else (nets.generator,
+                                                                                 nets.generator_optimizer)
+    loss_fn = fake_score_loss if phase == FAKE else generator_loss
+    nets.fake.requires_grad_(phase == FAKE)  # the generator step differentiates through the fake net's activations
+    accum, device = cfg.gradient_accumulation_steps, accelerator.device
+    total, kept = 0.0, 0
+    for round_index in range(accum):
+        prompts, z, noise, t = draw_micro_batch(cfg, sampler, phase, iteration, round_index,
+                                                accelerator.process_index, accelerator.num_processes, latent_shape)
+        with accelerator.no_sync(module) if round_index < accum - 1 else nullcontext(), accelerator.autocast():
+            text = text_cache(prompts)
+            loss, n = loss_fn(cfg, nets, text, uncond, z.to(device), noise.to(device), t.to(device))
+            accelerator.backward(loss / (cfg.batch_size * accum))  # sum over elements / batch, as the seed
+        total, kept = total + float(loss.detach()), kept + n
+    clip = 1.0 if phase == GENERATOR and cfg.mixed_precision == "fp16" else None
+    clean_gradients(accelerator, module, optimizer, clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    nets.fake.requires_grad_(True)
+    return total, kept
+
+
+def build_networks(cfg: SidConfig, accelerator) -> SidNetworks:
+    teacher = load_teacher(cfg.teacher, cfg.teacher_precision, accelerator.device)
+    if teacher.vae.dtype != torch.float32:
+        teacher.vae.to(torch.float32)  # it only decodes sample grids
+    if cfg.gradient_checkpointing:
+        teacher.unet.enable_gradient_checkpointing()
+    torch.manual_seed(cfg.seed)
+    generator, fake = (prepare_unet(UNet2DConditionModel.from_pretrained(
+        teacher.root, subfolder="unet", local_files_only=True, torch_dtype=torch.float32), cfg) for _ in range(2))
+    ema = HalfLifeEMA(generator, cfg.ema_halflife_kimg, cfg.ema_rampup) if cfg.ema_halflife_kimg > 0 else None
+    adam = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
+    generator_optimizer = torch.optim.Adam(generator.parameters(), lr=cfg.lr, **adam)
+    fake_optimizer = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, **adam)
+    generator, fake, generator_optimizer, fake_optimizer = accelerator.prepare(
+        generator, fake, generator_optimizer, fake_optimizer)
+    if ema is not None:
+        ema.model.to(accelerator.device)
+    return SidNetworks(teacher, generator, fake, generator_optimizer, fake_optimizer, ema)
+
+
+def _crossed(images: int, batch: int, every_kimg: float) -> bool:
+    """Did the last `batch` images cross a multiple of every_kimg thousand?"""
+    every = every_kimg * 1000
+    return every > 0 and images // every > (images - batch) // every
+
+
+def _record(cfg: SidConfig, prompt_list, encoder, nets, state: SidState, global_batch: int) -> dict[str, Any]:
+    """distillation.json of a one-step generator: how to sample it and where it came from."""
+    recent = list(state.recent_generator)
+    schedule = nets.teacher.schedule
+    t_init = torch.tensor([cfg.t_init])
+    return {
+        "method": "sid-lsg",
+        "guidance": {"kappa1": cfg.kappa1, "kappa2": cfg.kappa2, "kappa3": cfg.kappa3, "kappa4": cfg.kappa4,
+                     "strategy": cfg.strategy, "alpha": cfg.alpha},
+        "guidance_scale": None,
+        "t_init": cfg.t_init, "t_range": [cfg.t_min, cfg.t_max],
+        "input_scale": float(schedule.sigma(t_init, t_init.double())),
+        "teacher": {"path": str(Path(nets.teacher.root).resolve()), "fingerprint": nets.teacher.fingerprint},
+        "prompts": {"path": str(Path(cfg.prompts).resolve()), "sha256": prompt_list.sha256,
+                    "count": len(prompt_list.prompts), "empty_lines_skipped": prompt_list.empty_skipped,
+                    "truncated_by_tokenizer_seen": encoder.truncated},
+        "kimg": state.images / 1000, "iterations": state.iteration, "global_batch_size": global_batch,
+        "ema_halflife_kimg": cfg.ema_halflife_kimg, "mixed_precision": cfg.mixed_precision,
+        "dropped_nonfinite_samples": state.dropped_samples,
+        "final_losses": {"generator_mean_recent": sum(recent) / len(recent) if recent else None,
+                         "fake_score_mean_recent": (sum(state.recent_fake) / len(state.recent_fake)
+                                                    if state.recent_fake else None)},
+        "inference": {"sampler": "sid-one-step", "t_init": cfg.t_init, "unet_passes_per_image": 1,
+                      "x_g": "unet(sqrt(1 - alphabar[t_init]) z, t_init, c) read as x0; decode with the VAE in fp32",
+                      "command": "evaluation generate --model OUT --prompt TEXT --seed N --out FILE.png"},
+    }
+
+
+def run_sid(cfg: SidConfig) -> dict[str, Any]:
+    """Train (or resume) and export. Returns status ("done" or "interrupted"), iteration, kimg, the last
+    losses and each iteration's seconds (for benchmarks)."""
+    quiet_library_progress()
+    accelerator = make_accelerator(cfg)
+    prompt_list = read_prompts(cfg.prompts, cfg.prompt_column)
+    nets = build_networks(cfg, accelerator)
+    unet_config = nets.teacher.unet.config
+    latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+    sampler = PromptSampler(prompt_list.prompts, cfg.seed)
+    encoder = CountingEncoder(nets.teacher)
+    text_cache = TextEmbeddingCache(encoder, cfg.text_cache_size)
+    uncond = text_cache([""])
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+
+    run = {"identity": cfg.identity(), "data_layout": {"world_size": accelerator.num_processes},
+           "teacher_fingerprint": nets.teacher.fingerprint, "data_sha256": prompt_list.sha256}
+    state = SidState()
+    if (path := resolve_resume(Path(cfg.out), cfg.resume)) is not None:
+        state = SidState.from_dict(load_checkpoint(path, run, accelerator, nets.parts()))
+        accelerator.print(f"resumed from {path} at {state.images / 1000:g} kimg")
+
+    def checkpoint() -> None:
+        save_checkpoint(Path(cfg.out), state.iteration, run, cfg.to_dict(), accelerator, nets.parts(),
+                        state.to_dict(), cfg.checkpoints_total_limit)
+
+    if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.init_trackers("fit-sid-lsg", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                         for k, v in cfg.to_dict().items()})
+    grid_prompts = prompt_list.prompts[:cfg.grid_prompts]
+    if accelerator.is_main_process and cfg.grid_every_kimg > 0 and state.images == 0:
+        save_sample_grid(nets.sampling_generator(), nets.teacher, grid_prompts, cfg.t_init, Path(cfg.out), 0)
+    max_images = math.ceil(cfg.max_kimg * 1000)
+    status, seconds = "done", []
+    progress_bar = tqdm(total=max_images, initial=min(state.images, max_images), desc="fit sid-lsg", unit="img",
+                        unit_scale=True, disable=not accelerator.is_main_process)
+    with StopRequest() as stop, progress_bar as progress:
+        while state.images < max_images:
+            started = time.perf_counter()
+            fake_sum, fake_kept = network_step(cfg, accelerator, nets, FAKE, sampler, text_cache, uncond,
+                                               state.iteration, latent_shape)
+            gen_sum, gen_kept = network_step(cfg, accelerator, nets, GENERATOR, sampler, text_cache, uncond,
+                                             state.iteration, latent_shape)
+            totals = accelerator.reduce(torch.tensor([fake_sum, fake_kept, gen_sum, gen_kept, float(stop.requested)],
+                                                     dtype=torch.float64, device=accelerator.device), "sum")
+            if nets.ema is not None:
+                nets.ema.update(_unwrap(nets.generator), global_batch, state.images)
+            state.iteration += 1
+            state.images += global_batch
+            seconds.append(time.perf_counter() - started)
+            stop.agreed |= bool(totals[4] > 0)
+            per_iteration = 2 * global_batch
+            state.dropped_samples += int(per_iteration - totals[1] - totals[3])
+            state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if totals[3] == 0 else 0
+            losses = {"loss_fake_score": float(totals[0] / max(totals[1], 1)),
+                      "loss_generator": float(totals[2] / max(totals[3], 1)), "kimg": state.images / 1000}
+            state.recent_fake.append(losses["loss_fake_score"])
+            state.recent_generator.append(losses["loss_generator"])
+            progress.update(global_batch)
+            progress.set_postfix(fake=f"{losses['loss_fake_score']:.4g}", gen=f"{losses['loss_generator']:.4g}")
+            if state.iteration % cfg.log_every == 0:
+                accelerator.log({**losses, "dropped_samples": state.dropped_samples}, step=state.iteration)
+            if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                checkpoint()
+                raise NonFiniteGenerator(f"stopped at {state.images / 1000:g} kimg: {state.nonfinite_in_a_row} "
+                                         "iterations in a row with no finite generator sample (lower --lr, or try "
+                                         "--mixed-precision bf16/no)")
+            if accelerator.is_main_process and _crossed(state.images, global_batch, cfg.grid_every_kimg):
+                save_sample_grid(nets.sampling_generator(), nets.teacher, grid_prompts, cfg.t_init, Path(cfg.out),
+                                 state.images)
+            done = state.images >= max_images
+            if done or stop.agreed or _crossed(state.images, global_batch, cfg.checkpoint_every_kimg):
+                checkpoint()
+            if stop.agreed and not done:
+                status = "interrupted"
+                break
+    if status == "done":
+        if accelerator.is_main_process:
+            record = _record(cfg, prompt_list, encoder, nets, state, global_batch)
+            save_student(nets.sampling_generator(), nets.teacher.root, Path(cfg.out), record)
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"status": status, "iteration": state.iteration, "kimg": state.images / 1000,
+            "loss_generator": state.recent_generator[-1] if state.recent_generator else math.nan,
+            "loss_fake_score": state.recent_fake[-1] if state.recent_fake else math.nan,
+            "dropped_samples": state.dropped_samples, "iteration_seconds": seconds}
