@@ -15,6 +15,7 @@ import click
 
 from demo.report import write_report
 from demo.settings import FAST, FULL, DemoSettings
+from digits.data import prompt_list
 from digits.world import build_world
 from evaluation.cli import main as evaluation_main
 from pipeline.cli import main as pipeline_main
@@ -51,6 +52,19 @@ def fit_students(root: Path, world, s: DemoSettings) -> None:
         ])
 
 
+def fit_one_step(root: Path, world, s: DemoSettings) -> None:
+    """SiD-LSG from prompts alone: every caption template for every digit, no images."""
+    prompts = root / "sid-prompts.txt"
+    prompts.write_text("\n".join(prompt_list()) + "\n")
+    kimg = s.sid_kimg
+    _run("trainer", trainer_main, [
+        "fit", "--method", "sid-lsg", "--teacher", world.teacher, "--prompts", prompts, "--out", root / "student-sid",
+        "--kappa", s.sid_kappa, "--batch-size", s.sid_batch, "--lr", s.sid_lr, "--max-kimg", kimg,
+        "--ema-halflife-kimg", s.sid_ema_kimg, "--checkpoint-every-kimg", kimg / 2, "--grid-every-kimg", kimg / 4,
+        "--resume", "latest", "--report-to", "none",
+    ])
+
+
 def evaluate(root: Path, world, s: DemoSettings) -> None:
     """Renders afresh each run (the students may have changed); the reference features stay cached."""
     for folder in (root / "eval").glob("*"):
@@ -62,7 +76,7 @@ def evaluate(root: Path, world, s: DemoSettings) -> None:
     _run("evaluation", evaluation_main, [
         "sweep", "--teacher", world.teacher, "--scales", ",".join(map(str, s.sweep_scales)),
         "--model", root / "student-cfg", "--model", f"{root / 'student-w'}@cfg={s.alpha}",
-        "--out", root / "eval" / "sweep", *common])
+        "--model", root / "student-sid", "--out", root / "eval" / "sweep", *common])
     for name, model in s.blue_models(world.teacher, root).items():
         _run("evaluation", evaluation_main, ["coco30k", "--model", model, "--metrics", "blue,clip",
                                              "--out", root / "eval" / name, *common])
@@ -70,7 +84,8 @@ def evaluate(root: Path, world, s: DemoSettings) -> None:
     _run("evaluation", evaluation_main, [
         "speed", "--model", f"{teacher}@cfg=1", "--model", f"{teacher}@cfg={s.alpha}",
         "--model", f"{teacher}@blue={s.gamma}", "--model", root / "student-cfg", "--model", root / "student-blue",
-        "--model", f"{root / 'student-w'}@cfg={s.alpha}", "--out", root / "eval" / "speed",
+        "--model", f"{root / 'student-w'}@cfg={s.alpha}", "--model", root / "student-sid",
+        "--out", root / "eval" / "speed",
         "--num-inference-steps", s.sample_steps, "--batch-size", s.speed_batch, "--repeats", s.speed_repeats])
 
 
@@ -84,6 +99,7 @@ def main(out: str, fast: bool) -> None:
     world = build_world(root / "world", settings.world, log=click.echo)
     build_shards(root, world, settings)
     fit_students(root, world, settings)
+    fit_one_step(root, world, settings)
     evaluate(root, world, settings)
     report = write_report(root, world, settings, time.perf_counter() - start)
     click.echo(f"report: {report.resolve()}")

@@ -46,11 +46,15 @@ def write_report(root: Path, world, settings, seconds: float) -> Path:
     teacher_1, teacher_a = by_label["teacher no guidance"], by_label[f"teacher cfg {alpha:g}"]
     student = next(r for r in sweep if r["kind"] == "cfg-distill")
     w_student = next(r for r in sweep if r["kind"] == "w-distill")
+    one_step = next(r for r in sweep if r["kind"] == "sid-lsg")
+    sid = _json(root / "student-sid" / "distillation.json")
 
     def table5_row(name: str, row: dict) -> list:
         timing = speed.get(row["label"], {})  # evaluation labels a model the same way in sweep and speed
-        return [name, float(row["clip_score"]), float(row["fid"]), timing.get("unet_passes_per_step"),
-                timing.get("seconds_per_step"), timing.get("peak_memory_mb"), timing.get("time_over_cfg_teacher")]
+        steps = timing.get("steps")
+        passes = None if steps is None else timing["unet_passes_per_step"] * steps
+        return [name, steps, float(row["clip_score"]), float(row["fid"]), passes, timing.get("seconds_per_image"),
+                timing.get("peak_memory_mb"), timing.get("time_over_cfg_teacher")]
 
     lines = [
         "# The digits world: guidance distillation end to end", "",
@@ -65,11 +69,22 @@ def write_report(root: Path, world, settings, seconds: float) -> Path:
         "digit-FID (and PR), its probability of the prompted digit gives digit-CLIP.", "",
         f"## Table 5 of the seed, for this world (CFG scale {alpha:g}, {settings.sample_steps} DDIM steps, "
         f"{settings.eval_images} evaluation captions)", "",
-        *markdown_table(["model", "digit-CLIP (higher is better)", "digit-FID (lower is better)", "UNet passes per step",
-                 "s per step", "peak MiB", "time / CFG teacher"],
+        *markdown_table(["model", "steps", "digit-CLIP (higher is better)", "digit-FID (lower is better)",
+                         "UNet passes per image", "s per image", "peak MiB", "time per image / CFG teacher"],
                 [table5_row("teacher, no guidance", teacher_1), table5_row("student-cfg (distilled, no guidance)", student),
                  table5_row(f"teacher, CFG {alpha:g}", teacher_a),
-                 table5_row(f"student-w at w = {alpha:g}", w_student)]), "",
+                 table5_row(f"student-w at w = {alpha:g}", w_student),
+                 table5_row(f"student-sid, one step (SiD-LSG, kappa {settings.sid_kappa:g})", one_step)]), "",
+        "Time per image is per batch of the speed run, divided by the batch; the one-step generator runs one "
+        "UNet pass and one VAE decode per image.", "",
+        "## One-step generation from prompts alone (SiD-LSG)", "",
+        f"`trainer fit --method sid-lsg` on {sid['prompts']['count']} prompts (no images), kappa1..4 = "
+        f"{settings.sid_kappa:g} ({sid['guidance']['strategy']}), {sid['kimg']:g} thousand generated images "
+        f"({sid['iterations']} iterations of batch {sid['global_batch_size']}), EMA half-life {settings.sid_ema_kimg:g} "
+        f"kimg. The generator starts as the teacher's UNet read at t = {sid['t_init']}; its samples on fixed prompts "
+        "and seeds during training (left to right: start, then every quarter):", "",
+        *[f"![{p.stem}](student-sid/samples/{p.name})" for p in sorted((root / "student-sid" / "samples").glob("*.png"))],
+        "",
         "## The teacher across CFG scales, and the students", "", "![sweep](eval/sweep/sweep.png)", "",
         *markdown_table(["point", "digit-CLIP", "digit-FID"], [[r["label"], float(r["clip_score"]), float(r["fid"])] for r in sweep]),
         "",

@@ -71,6 +71,11 @@ def caption(digit: int, rng: random.Random) -> str:
     return rng.choice(TEMPLATES).format(word=WORDS[digit], digit=digit)
 
 
+def prompt_list() -> list[str]:
+    """Every caption template for every digit: the prompt file of data-free distillation (no images)."""
+    return [template.format(word=WORDS[digit], digit=digit) for digit in range(10) for template in TEMPLATES]
+
+
 def digit_in(text: str) -> int | None:
     """The digit a caption names (word or numeral), or None."""
     match = _DIGIT.search(text)

@@ -55,11 +55,16 @@ def test_train_and_eval_splits_are_disjoint():
 
 def test_report_has_every_section_and_grids(fast_demo):
     report = (fast_demo / "report.md").read_text()
-    for heading in ("Table 5 of the seed", "across CFG scales", "Blue-tone guidance", "Time and memory", "Samples"):
+    for heading in ("Table 5 of the seed", "One-step generation", "across CFG scales", "Blue-tone guidance",
+                    "Time and memory", "Samples"):
         assert heading in report
     assert "| student-cfg (distilled, no guidance) |" in report
     grid = np.asarray(Image.open(fast_demo / "grids.png"))
-    assert grid.shape[0] == 64 * 7  # sweep points (2 scales + 2 students) + the three blue rows
+    assert grid.shape[0] == 64 * 8  # sweep points (2 scales + 3 students) + the three blue rows
+    assert "| student-sid, one step (SiD-LSG, kappa 3) | 1 |" in report
+    sid = json.loads((fast_demo / "student-sid" / "distillation.json").read_text())
+    assert sid["method"] == "sid-lsg" and sid["kimg"] == 0.016 and sid["iterations"] == 2
+    assert len(list((fast_demo / "student-sid" / "samples").glob("*.png"))) == 3  # start, then each of 2 iterations
     for name in ("cfg", "blue", "w"):
         record = json.loads((fast_demo / f"student-{name}" / "distillation.json").read_text())
         assert record["steps"] == 4

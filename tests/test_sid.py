@@ -111,6 +111,7 @@ def test_exported_generator_reproduces_training_x_g_bit_for_bit(teacher_dir, pro
     from evaluation.cli import main as evaluation_main
     from evaluation.models import describe_model
     from evaluation.render import Renderer
+    from evaluation.speed import measure
 
     out = tmp_path / "gen"
     assert trainer_main(sid_args(teacher_dir, prompt_file, out, "--max-kimg", 0.004, "--ema-halflife-kimg", 0,
@@ -128,6 +129,8 @@ def test_exported_generator_reproduces_training_x_g_bit_for_bit(teacher_dir, pro
     renderer = Renderer(spec, steps=50)
     assert renderer.steps == 1
     assert torch.equal(renderer.latents([prompt], [seed]), in_training)
+    timing = measure(spec, [prompt] * 2, steps=25, repeats=1, dtype="fp32", device="cpu")
+    assert timing["steps"] == 1 and timing["unet_passes_per_step"] == 1.0  # one pass per image, whatever was asked
     pngs = [tmp_path / "a.png", tmp_path / "b.png"]
     for png in pngs:
         assert evaluation_main(["generate", "--model", str(out), "--prompt", prompt, "--seed", str(seed),
