@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/build_shards.py
 	$(BIN)/python benchmarks/fit.py
 	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/sid.py
 
 clean:
 	rm -rf $(VENV) runs

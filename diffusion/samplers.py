@@ -6,6 +6,7 @@ custom guidance rule sees exactly the grid `StableDiffusionPipeline` would use.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
@@ -53,3 +54,75 @@ def sid_one_step(unet, schedule: NoiseSchedule, noise: torch.Tensor, t_init: int
     z_init = schedule.sigma(t, noise) * noise.float()
     eps = unet_eps(unet, schedule, z_init, t, text, forward=forward)
     return schedule.eps_to_x0(z_init, eps, t)
+
+
+# Few-step sampling on a student's own grid (progressive distillation, Salimans & Ho 2022; Meng et al. 2023).
+CLEAN = -1  # the end of every step grid: a = 1, sigma = 0 (the clean sample)
+
+
+def step_grid(steps: int, num_train_timesteps: int) -> list[int]:
+    """The N timesteps of an N-step sampler, descending: t_i = round((N - i) T / N) - 1, then the end (CLEAN).
+    This is diffusers' "trailing" spacing; the 2N grid holds the N grid at its even indices, for any N."""
+    return [int(np.round((steps - i) * num_train_timesteps / steps)) - 1 for i in range(steps)]
+
+
+def grid_coefficients(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_t, sigma_t) broadcast against `like`, with (1, 0) where t is CLEAN."""
+    clean = (t == CLEAN).reshape(-1, *([1] * (like.ndim - 1))).to(like.device)
+    safe = t.clamp(min=0)
+    a = torch.where(clean, torch.ones((), dtype=like.dtype, device=like.device), schedule.a(safe, like))
+    sigma = torch.where(clean, torch.zeros((), dtype=like.dtype, device=like.device), schedule.sigma(safe, like))
+    return a, sigma
+
+
+def ddim_step(z_t: torch.Tensor, eps: torch.Tensor, a_t, sigma_t, a_s, sigma_s) -> torch.Tensor:
+    """Deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0) from t to s < t: a_s x0_hat + sigma_s eps."""
+    x0 = (z_t - sigma_t * eps) / a_t
+    return a_s * x0 + sigma_s * eps
+
+
+def forward_noise(z_s: torch.Tensor, a_s, sigma_s, a_t, sigma_t, noise: torch.Tensor) -> torch.Tensor:
+    """q(z_t | z_s) for t > s: (a_t / a_s) z_s + sqrt(sigma_t^2 - (a_t / a_s)^2 sigma_s^2) noise."""
+    ratio = a_t / a_s
+    return ratio * z_s + (sigma_t**2 - ratio**2 * sigma_s**2).clamp(min=0).sqrt() * noise
+
+
+def _grid_eps(unet, schedule, z, t: int, text, guidance_scale, forward):
+    batch_t = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
+    return unet_eps(unet, schedule, z, batch_t, text, guidance_scale=guidance_scale, forward=forward)
+
+
+def _coefficients(schedule, t: int, like):
+    return grid_coefficients(schedule, torch.tensor([t]), like[:1])
+
+
+def grid_ddim(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: torch.Tensor, steps: int,
+              guidance_scale: torch.Tensor | None = None, forward=None) -> torch.Tensor:
+    """Deterministic N-step DDIM on the student's own grid (step_grid), from z = noise at t_0 to the clean end:
+    one UNet pass per step; `guidance_scale` (one w per sample) for a w-conditioned student."""
+    grid = step_grid(steps, schedule.num_timesteps) + [CLEAN]
+    z = noise.float()
+    for t, s in zip(grid[:-1], grid[1:]):
+        eps = _grid_eps(unet, schedule, z, t, text, guidance_scale, forward)
+        z = ddim_step(z, eps, *_coefficients(schedule, t, z), *_coefficients(schedule, s, z))
+    return z
+
+
+def grid_stochastic(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: torch.Tensor, steps: int,
+                    generator: torch.Generator, guidance_scale: torch.Tensor | None = None, trace=None) -> torch.Tensor:
+    """Meng et al.'s N-step stochastic sampler ("two steps forward, one step back"): from grid point t_i, one
+    deterministic DDIM step to t_{i+2} (a step of 2/N), then fresh noise back up to t_{i+1} (a step of 1/N); the
+    last step lands on the clean end. `trace(t, z)` sees z at every grid point it reaches (for tests)."""
+    grid = step_grid(steps, schedule.num_timesteps) + [CLEAN]
+    z, i = noise.float(), 0
+    while True:
+        t, target = grid[i], grid[min(i + 2, steps)]
+        if trace is not None:
+            trace(t, z)
+        eps = _grid_eps(unet, schedule, z, t, text, guidance_scale, None)
+        z = ddim_step(z, eps, *_coefficients(schedule, t, z), *_coefficients(schedule, target, z))
+        if target == CLEAN:
+            return z
+        fresh = torch.randn(z.shape, generator=generator).to(z.device)
+        z = forward_noise(z, *_coefficients(schedule, target, z), *_coefficients(schedule, grid[i + 1], z), fresh)
+        i += 1

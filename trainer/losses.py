@@ -85,3 +85,22 @@ def finite_samples(*tensors: torch.Tensor) -> torch.Tensor:
     for tensor in tensors:
         mask &= torch.isfinite(tensor.detach()).flatten(1).all(dim=1)
     return mask
+
+
+def progressive_target(z_t: torch.Tensor, z_s2: torch.Tensor, a_t, sigma_t, a_s2, sigma_s2) -> torch.Tensor:
+    """Progressive distillation's target (Salimans & Ho 2022, Alg. 2): the x0 that makes one DDIM step from t land
+    on the teacher's two-step result z_t'': x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (a_t'' - (sigma_t''/sigma_t) a_t).
+    At the clean end (a_t'' = 1, sigma_t'' = 0) it is z_t'' itself."""
+    ratio = sigma_s2 / sigma_t
+    return (z_s2.float() - ratio * z_t.float()) / (a_s2 - ratio * a_t)
+
+
+def truncated_snr_weight(a_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
+    """max(a_t^2 / sigma_t^2, 1): Salimans & Ho's "truncated SNR" weighting of an x0 loss, one per sample."""
+    return (a_t.float() ** 2 / sigma_t.float() ** 2).clamp(min=1.0).flatten()
+
+
+def progressive_loss(x0_student: torch.Tensor, x_target: torch.Tensor, a_t: torch.Tensor,
+                     sigma_t: torch.Tensor) -> torch.Tensor:
+    """max(a_t^2/sigma_t^2, 1) ||x0_student - x~||^2 (mean over elements), per sample."""
+    return truncated_snr_weight(a_t, sigma_t) * per_sample_mse(x0_student, x_target)

@@ -53,7 +53,12 @@ def _write_part(folder: Path, name: str, part, accelerator) -> None:
         save_state(folder, name, part.state_dict())
 
 
-def _read_part(folder: Path, name: str, part, accelerator) -> None:
+def _read_part(folder: Path, name: str, part, accelerator, saved: dict) -> None:
+    if not (folder / f"{name}.safetensors").is_file():
+        if name in saved:  # checkpoints of version 0.1 kept the LR schedule inside trainer_state
+            part.load_state_dict(saved[name])
+            return
+        raise UserError(f"--resume {folder}: the checkpoint has no {name}.safetensors (written by another method?)")
     if isinstance(part, torch.nn.Module):
         accelerator.unwrap_model(part).load_state_dict(load_weights(folder, name))
     else:
@@ -112,7 +117,7 @@ def load_checkpoint(path: Path, run: dict, accelerator, parts: dict[str, Any]) -
     check_same_run(path, saved["run"], run, accelerator)
     for name, part in parts.items():
         if part is not None:
-            _read_part(path, name, part, accelerator)
+            _read_part(path, name, part, accelerator, saved)
     if accelerator.scaler is not None and saved["scaler"] is not None:
         accelerator.scaler.load_state_dict(saved["scaler"])
     rng_file = path / f"rng-rank{accelerator.process_index}.json"
