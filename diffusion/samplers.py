@@ -109,10 +109,12 @@ def grid_ddim(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: torch.Te
 
 
 def grid_stochastic(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: torch.Tensor, steps: int,
-                    generator: torch.Generator, guidance_scale: torch.Tensor | None = None, trace=None) -> torch.Tensor:
+                    generators: list[torch.Generator], guidance_scale: torch.Tensor | None = None,
+                    trace=None) -> torch.Tensor:
     """Meng et al.'s N-step stochastic sampler ("two steps forward, one step back"): from grid point t_i, one
     deterministic DDIM step to t_{i+2} (a step of 2/N), then fresh noise back up to t_{i+1} (a step of 1/N); the
-    last step lands on the clean end. `trace(t, z)` sees z at every grid point it reaches (for tests)."""
+    step that reaches the end lands on the clean sample. The fresh noise of sample k comes from generators[k]
+    (CPU), so an image does not depend on its batch. `trace(t, z)` sees z at every grid point it reaches."""
     grid = step_grid(steps, schedule.num_timesteps) + [CLEAN]
     z, i = noise.float(), 0
     while True:
@@ -123,6 +125,6 @@ def grid_stochastic(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: to
         z = ddim_step(z, eps, *_coefficients(schedule, t, z), *_coefficients(schedule, target, z))
         if target == CLEAN:
             return z
-        fresh = torch.randn(z.shape, generator=generator).to(z.device)
+        fresh = torch.stack([torch.randn(z.shape[1:], generator=g) for g in generators]).to(z.device)
         z = forward_noise(z, *_coefficients(schedule, target, z), *_coefficients(schedule, grid[i + 1], z), fresh)
         i += 1

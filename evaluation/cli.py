@@ -23,6 +23,8 @@ def model_options(function):
         option("guidance_scale", "CFG scale for a teacher [7.5], w for a w-student, gamma with "
                "--classifier-guidance.", type=float),
         option("classifier_guidance", "Teacher only: clip, blue or MODULE:FUNCTION guidance instead of CFG."),
+        option("sampler", "Progressive students: deterministic DDIM on their grid, or Meng et al.'s stochastic "
+               "sampler.", type=click.Choice(["ddim", "stochastic"])),
     ]):
         function = decorator(function)
     return function
@@ -95,10 +97,10 @@ def render(**options) -> None:
 @click.option("--prompt", required=True, help="The text prompt.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the initial noise (the image for a seed is fixed).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The PNG to write.")
-@option("num_inference_steps", "Sampling steps (a one-step generator takes one, whatever this says).", type=int)
+@option("num_inference_steps", "Sampling steps (a one-step or progressive student takes its own).", type=int)
 @option("dtype", "Compute dtype of the models.", type=click.Choice(sorted(DTYPES)))
 @option("resolution", "Image side in pixels [the model's].", type=int)
-def generate(model, guidance_scale, classifier_guidance, prompt, seed, out, num_inference_steps, dtype,
+def generate(model, guidance_scale, classifier_guidance, sampler, prompt, seed, out, num_inference_steps, dtype,
              resolution) -> None:
     """One image for one prompt and seed, with any model: a one-step generator, a student or a teacher.
 
@@ -107,7 +109,7 @@ def generate(model, guidance_scale, classifier_guidance, prompt, seed, out, num_
     from evaluation.render import Renderer, save_png
 
     spec = model_spec(EvalConfig(model=model, out="", guidance_scale=guidance_scale,
-                                 classifier_guidance=classifier_guidance))
+                                 classifier_guidance=classifier_guidance, sampler=sampler))
     renderer = Renderer(spec, num_inference_steps, dtype, resolution=resolution)
     (image,) = renderer.render([prompt], [seed])
     Path(out).parent.mkdir(parents=True, exist_ok=True)

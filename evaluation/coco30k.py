@@ -45,6 +45,7 @@ class EvalConfig:
     digits_classifier: str | None = None
     guidance_scale: float | None = None
     classifier_guidance: str | None = None
+    sampler: str = "ddim"  # progressive students: ddim or stochastic
     num_inference_steps: int = 50
     resolution: int | None = None
     batch_size: int = 8
@@ -135,7 +136,7 @@ def evaluate_spec(spec, prompts: list[str], source: str, out: Path, cfg: EvalCon
     if not state.is_main_process:
         return None
     record = {"model": spec.to_dict(), "render": timing, "resolution": resolution,
-              "num_inference_steps": 1 if spec.one_step else cfg.num_inference_steps}
+              "num_inference_steps": 1 if spec.one_step else spec.steps or cfg.num_inference_steps}
     metrics = cfg.metric_list()
     if not metrics:  # `evaluation render`: images only
         return record
@@ -148,7 +149,7 @@ def model_spec(cfg: EvalConfig):
     """--model PATH with --guidance-scale / --classifier-guidance, or the PATH@cfg=S / PATH@blue=G shorthand."""
     if "@" in cfg.model:
         return parse_model_arg(cfg.model)
-    return describe_model(cfg.model, cfg.guidance_scale, cfg.classifier_guidance)
+    return describe_model(cfg.model, cfg.guidance_scale, cfg.classifier_guidance, cfg.sampler)
 
 
 def run_coco30k(cfg: EvalConfig) -> dict | None:

@@ -7,6 +7,7 @@
 | cfg-distill / classifier-distill student | StableDiffusionPipeline at guidance_scale 1 | 1 |
 | w-distill student, `--guidance-scale w` | StableDiffusionPipeline at guidance_scale w (fed as timestep_cond) | 1 |
 | sid-lsg one-step generator | x_g = f(sqrt(1 - alphabar[t_init]) z, t_init, c), VAE decode in float32 | 1 per image |
+| progressive student (N steps), `--guidance-scale w` | N-step DDIM on its own grid, or Meng et al.'s stochastic sampler | 1 |
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from trainer.export import read_distillation
 
 DEFAULT_TEACHER_SCALE = 7.5
 ONE_STEP_KINDS = ("sid-lsg",)
+SAMPLERS = ("ddim", "stochastic")
 
 
 @dataclass
@@ -31,6 +33,8 @@ class ModelSpec:
     guidance_scale: float  # CFG s, classifier gamma, or w
     classifier_guidance: str | None = None
     t_init: int | None = None  # one-step generators
+    steps: int | None = None  # few-step students: they sample on their own grid, in this many steps
+    sampler: str = "ddim"  # few-step students: "ddim" (deterministic) or "stochastic" (Meng et al.)
 
     @property
     def one_step(self) -> bool:
@@ -44,14 +48,19 @@ class ModelSpec:
             return f"teacher {self.classifier_guidance} guidance {self.guidance_scale:g}"
         if self.kind == "w-distill":
             return f"{self.folder.name} (w-distill, w {self.guidance_scale:g})"
+        if self.kind == "progressive":
+            sampler = ", stochastic" if self.sampler == "stochastic" else ""
+            return f"{self.folder.name} (progressive, {self.steps} steps{sampler}, w {self.guidance_scale:g})"
         return f"{self.folder.name} ({self.kind})"
 
     def to_dict(self) -> dict:
         return {"folder": str(self.folder), "kind": self.kind, "guidance_scale": self.guidance_scale,
-                "classifier_guidance": self.classifier_guidance, "t_init": self.t_init, "label": self.label}
+                "classifier_guidance": self.classifier_guidance, "t_init": self.t_init, "steps": self.steps,
+                "sampler": self.sampler, "label": self.label}
 
 
-def describe_model(model: str, guidance_scale: float | None = None, classifier_guidance: str | None = None) -> ModelSpec:
+def describe_model(model: str, guidance_scale: float | None = None, classifier_guidance: str | None = None,
+                   sampler: str = "ddim") -> ModelSpec:
     """Read the model kind from distillation.json (absent: the teacher) and check the scale makes sense for it."""
     folder = resolve_teacher_dir(model)
     if not (folder / "model_index.json").is_file():
@@ -65,12 +74,16 @@ def describe_model(model: str, guidance_scale: float | None = None, classifier_g
     method = record["method"]
     if classifier_guidance:
         raise UserError(f"--classifier-guidance applies to a teacher; {folder} is a {method} student")
-    if method == "w-distill":
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown --sampler {sampler!r}; expected one of {SAMPLERS}")
+    if sampler != "ddim" and method != "progressive":
+        raise UserError(f"--sampler {sampler} applies to a progressive student; {folder} is a {method} model")
+    if method in ("w-distill", "progressive"):
         low, high = record["w_range"]
         w = min(max(DEFAULT_TEACHER_SCALE, low), high) if guidance_scale is None else guidance_scale
         if not low <= w <= high:
             raise UserError(f"--guidance-scale {w} is outside the w range [{low}, {high}] this student was trained on")
-        return ModelSpec(folder, method, w)
+        return ModelSpec(folder, method, w, steps=record.get("steps"), sampler=sampler)
     if method in ("cfg-distill", "classifier-distill"):
         if guidance_scale not in (None, 1.0):
             raise UserError(f"{folder} has its guidance distilled in (scale {record['guidance_scale']}); sample it at "
@@ -100,16 +113,20 @@ def load_pipeline(spec: ModelSpec, dtype: str, device: torch.device):
 
 
 def parse_model_arg(text: str) -> ModelSpec:
-    """`PATH`, or `PATH@cfg=S` (CFG scale, or w for a w-student), or `PATH@NAME=GAMMA` for classifier guidance
-    of a teacher (NAME: clip, blue or MODULE:FUNCTION)."""
+    """`PATH`, or `PATH@cfg=S` (CFG scale, or w for a w- or progressive student), or `PATH@NAME=GAMMA` for
+    classifier guidance of a teacher (NAME: clip, blue or MODULE:FUNCTION); `@stochastic` at the end samples a
+    progressive student with Meng et al.'s stochastic sampler."""
+    sampler = "ddim"
+    if text.endswith("@stochastic"):
+        text, sampler = text[: -len("@stochastic")], "stochastic"
     path, _, option = text.partition("@")
     if not option:
-        return describe_model(path)
+        return describe_model(path, sampler=sampler)
     name, _, value = option.rpartition("=")
     try:
         scale = float(value)
     except ValueError:
         raise UserError(f"model {text!r}: expected PATH@cfg=SCALE or PATH@clip=GAMMA, got {option!r}") from None
     if name in ("cfg", "w"):
-        return describe_model(path, scale)
+        return describe_model(path, scale, sampler=sampler)
     return describe_model(path, scale, classifier_guidance=name)

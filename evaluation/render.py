@@ -24,6 +24,9 @@ from diffusion.samplers import initial_noise
 from evaluation.models import ModelSpec, load_pipeline
 
 
+STOCHASTIC_SEED_OFFSET = 2**31  # the stochastic sampler's noise for image i: seed + i + this
+
+
 def image_path(out: Path, index: int) -> Path:
     return Path(out) / "images" / f"{index:05d}.png"
 
@@ -33,10 +36,10 @@ class Renderer:
 
     def __init__(self, spec: ModelSpec, steps: int, dtype: str = "fp32", device=None, clip_model="ViT-g-14",
                  clip_weights=None, resolution: int | None = None):
-        self.spec, self.steps = spec, 1 if spec.one_step else steps
+        self.spec, self.steps = spec, 1 if spec.one_step else spec.steps or steps
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.pipe = self.teacher = self.loss = None
-        if spec.one_step:  # the generator through the same wrapper that trained it; the VAE decodes in float32
+        if spec.one_step or spec.kind == "progressive":  # our samplers, through the wrapper that trained the UNet
             from diffusion.teacher import load_teacher
 
             self.teacher = load_teacher(spec.folder, dtype, self.device)
@@ -70,6 +73,8 @@ class Renderer:
             with torch.no_grad():
                 text = self.teacher.encode_text(prompts)
                 return sid_one_step(self.unet, self.teacher.schedule, noise.to(self.device), self.spec.t_init, text)
+        if self.spec.kind == "progressive":
+            return self._few_step_latents(prompts, seeds, noise)
         if self.teacher is not None:
             from diffusion.samplers import classifier_guided_ddim
 
@@ -79,6 +84,19 @@ class Renderer:
             return self.pipe(prompts, num_inference_steps=self.steps, guidance_scale=self.spec.guidance_scale,
                              height=self.resolution, width=self.resolution, output_type="latent",
                              latents=noise.to(self.device, self.pipe.unet.dtype)).images
+
+    @torch.no_grad()
+    def _few_step_latents(self, prompts: list[str], seeds: list[int], noise: torch.Tensor) -> torch.Tensor:
+        """A progressive student on its own grid at w; the stochastic sampler's fresh noise is seeded per image."""
+        from diffusion.samplers import grid_ddim, grid_stochastic
+
+        text = self.teacher.encode_text(prompts)
+        w = torch.full((len(prompts),), float(self.spec.guidance_scale), device=self.device)
+        noise = noise.to(self.device)
+        if self.spec.sampler == "stochastic":
+            generators = [torch.Generator().manual_seed(s + STOCHASTIC_SEED_OFFSET) for s in seeds]
+            return grid_stochastic(self.unet, self.teacher.schedule, noise, text, self.steps, generators, w)
+        return grid_ddim(self.unet, self.teacher.schedule, noise, text, self.steps, w)
 
     @torch.no_grad()
     def render(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:

@@ -82,7 +82,7 @@ def heldout_cfg_shards(tmp_path_factory, teacher_dir, clean_source) -> Path:
     from pipeline.cli import main
 
     out = tmp_path_factory.mktemp("shards") / "heldout"
-    assert main(build_args(teacher_dir, clean_source, out, "--seed", "5")) == 0
+    assert main(build_args(teacher_dir, clean_source, out, "--seed", "5", "--store-clean")) == 0
     return out
 
 

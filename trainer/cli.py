@@ -10,36 +10,38 @@ from click.core import ParameterSource
 
 from diffusion.cli import config_option, dataclass_option, run_group
 from diffusion.errors import UserError
-from trainer.config import LR_SCHEDULES, MIXED_PRECISION, SHARD_KIND, FitConfig
+from trainer.config import LR_SCHEDULES, MIXED_PRECISION, SHARD_KIND, FitConfig, ProgressiveConfig
 from trainer.sid_config import SidConfig
 
 option = dataclass_option(FitConfig)
 sid_option = dataclass_option(SidConfig)
-CONFIG_CLASS = {**{method: FitConfig for method in SHARD_KIND}, "sid-lsg": SidConfig}
+progressive_option = dataclass_option(ProgressiveConfig)
+CONFIG_CLASS = {**{method: FitConfig for method in SHARD_KIND}, "sid-lsg": SidConfig, "progressive": ProgressiveConfig}
 
 
 @click.group(name="trainer")
 def cli() -> None:
-    """Distil CFG, classifier guidance or a guidance range into a one-pass-per-step student, or guidance and
-    sampling into a one-step generator (SiD-LSG)."""
+    """Distil CFG, classifier guidance or a guidance range into a one-pass-per-step student, steps into a
+    few-step student (progressive), or guidance and sampling into a one-step generator (SiD-LSG)."""
 
 
 @cli.command("fit")
 @config_option
 @option("method", "What to distil.", required=True, type=click.Choice(sorted(CONFIG_CLASS)))
-@option("teacher", "The teacher (the shards' own): StableDiffusionPipeline folder or cached hub id.", required=True)
-@option("shards", "Shard folder from `pipeline build-shards` (cfg kind, or classifier kind for classifier-distill).")
+@option("teacher", "The teacher (the shards' own): StableDiffusionPipeline folder or cached hub id [all but progressive].")
+@option("shards", "Shard folder from `pipeline build-shards` (cfg kind, or classifier kind for classifier-distill; "
+        "progressive: built with --store-clean).")
 @option("out", "Output: a StableDiffusionPipeline folder + distillation.json, with checkpoints/ and logs/.", required=True, type=click.Path(file_okay=False))
 @option("guidance_scale", "alpha for cfg-distill [7.5], gamma for classifier-distill [100; 300 for CLIP in the seed].", type=float)
-@option("w_min", "w-distill: lowest guidance scale w (diffusers' guidance_scale units).", type=float)
-@option("w_max", "w-distill: highest guidance scale w.", type=float)
+@option("w_min", "w-distill: lowest guidance scale w (diffusers' guidance_scale units); progressive: [the student's].", type=float)
+@option("w_max", "w-distill: highest guidance scale w; progressive: [the student's].", type=float)
 @option("w_embedding_dim", "w-distill: size of the sinusoidal w embedding (the UNet's time_cond_proj_dim).", type=int)
 @option("max_steps", "Optimiser steps in all.", type=int)
 @option("batch_size", "Samples per process per micro-batch.", type=int)
 @option("gradient_accumulation_steps", "Micro-batches per optimiser step.", type=int)
 @option("lr", "Peak learning rate (AdamW); sid-lsg: the generator's Adam lr [1e-6].", type=float)
-@option("lr_scheduler", "Learning-rate schedule (diffusers.optimization).", type=click.Choice(LR_SCHEDULES))
-@option("lr_warmup_steps", "Linear warm-up steps.", type=int)
+@option("lr_scheduler", "Learning-rate schedule (diffusers.optimization) [progressive: constant, per round].", type=click.Choice(LR_SCHEDULES))
+@option("lr_warmup_steps", "Linear warm-up steps [progressive: 0, per round].", type=int)
 @option("adam_beta1", "AdamW beta1 [sid-lsg: 0].", type=float)
 @option("adam_beta2", "AdamW beta2.", type=float)
 @option("adam_weight_decay", "AdamW weight decay.", type=float)
@@ -82,13 +84,18 @@ def cli() -> None:
 @sid_option("checkpoint_every_kimg", "sid-lsg: write a checkpoint every N thousand images.", type=float)
 @sid_option("grid_every_kimg", "sid-lsg: write OUT/samples/kimg-*.png every N thousand images (0: never).", type=float)
 @sid_option("grid_prompts", "sid-lsg: the first N prompts (seeds 0..N-1) in the sample grids.", type=int)
+@progressive_option("student", "progressive: the w-distill student to halve (or a round folder, to go on from it).", type=click.Path(file_okay=False))
+@progressive_option("start_steps", "progressive: the steps the starting student is sampled with (the first round's teacher).", type=int)
+@progressive_option("end_steps", "progressive: the last round's student steps.", type=int)
+@progressive_option("iters_per_round", "progressive: optimiser steps per round.", type=int)
 def fit(**options) -> None:
     """Distil the guided teacher into a student that needs one UNet pass per step (cfg-distill,
-    classifier-distill, w-distill: from shards), or into a one-step generator (sid-lsg: from prompts alone).
+    classifier-distill, w-distill: from shards), halve a w-student's steps round after round (progressive:
+    OUT/round-NNsteps/), or distil into a one-step generator (sid-lsg: from prompts alone).
 
     Runs unchanged under `accelerate launch` / `torchrun`. A --config FILE (JSON, YAML or TOML) holds the
     same names as the flags; flags override it. Ctrl-C or SIGTERM writes a checkpoint before stopping.
-    Options marked sid-lsg apply to it only; options that do not apply to a method are refused.
+    Options marked sid-lsg or progressive apply to it only; options that do not apply to a method are refused.
     """
     cfg = config_for_method(options)
     if isinstance(cfg, SidConfig):
@@ -96,6 +103,11 @@ def fit(**options) -> None:
 
         result = run_sid(cfg)
         where = f"{result['kimg']:g} kimg"
+    elif isinstance(cfg, ProgressiveConfig):
+        from trainer.progressive import run_progressive
+
+        result = run_progressive(cfg)
+        where = f"step {result['step']}"
     else:
         from trainer.fit import run_fit
 
@@ -106,7 +118,7 @@ def fit(**options) -> None:
         raise click.exceptions.Exit(130)
 
 
-def config_for_method(options: dict) -> FitConfig | SidConfig:
+def config_for_method(options: dict) -> FitConfig | SidConfig | ProgressiveConfig:
     """The method's config from the options given (on the command line or in --config); the rest keep the
     dataclass's defaults. An option the method does not take, or a missing one it needs, is a one-line error."""
     ctx = click.get_current_context()

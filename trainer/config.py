@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,17 +15,12 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
-@dataclass
-class FitConfig:
-    method: str
-    teacher: str
+@dataclass(kw_only=True)
+class ShardLoopConfig:
+    """What every loop fed from shards takes: the data stream, the optimiser, precision, EMA, checkpoints, logs."""
+
     shards: str
     out: str
-    guidance_scale: float | None = None  # alpha (cfg-distill) or gamma (classifier-distill)
-    w_min: float = 2.0  # w-distill: the guidance-scale range, in diffusers' guidance_scale units
-    w_max: float = 14.0
-    w_embedding_dim: int = 256
-    max_steps: int = 1000
     batch_size: int = 8  # per process, per micro-batch
     gradient_accumulation_steps: int = 1
     lr: float = 1e-5
@@ -53,18 +49,12 @@ class FitConfig:
     record_keys: bool = False  # audit: which records each rank trained on
 
     def __post_init__(self) -> None:
-        if self.method not in SHARD_KIND:
-            raise UserError(f"unknown --method {self.method!r}; expected one of {sorted(SHARD_KIND)}")
-        if self.guidance_scale is None and self.method in DEFAULT_GUIDANCE_SCALE:
-            self.guidance_scale = DEFAULT_GUIDANCE_SCALE[self.method]
-        if self.method == "w-distill" and not self.w_min <= self.w_max:
-            raise UserError(f"--w-min {self.w_min} is above --w-max {self.w_max}")
         if self.lr_scheduler not in LR_SCHEDULES:
             raise UserError(f"unknown --lr-scheduler {self.lr_scheduler!r}; expected one of {LR_SCHEDULES}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserError(f"unknown --mixed-precision {self.mixed_precision!r}; expected one of {MIXED_PRECISION}")
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
-                     "checkpoints_total_limit", "max_nonfinite_steps", "log_every"):
+        for name in ("batch_size", "gradient_accumulation_steps", "checkpoint_every", "checkpoints_total_limit",
+                     "max_nonfinite_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -78,12 +68,41 @@ class FitConfig:
 
         return 2 if torch.cuda.is_available() else 0
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def data_layout(self, world_size: int) -> dict[str, Any]:
+        """What a resume may change, at the price of a different data order from there on."""
+        keys = ("resampled", "shuffle_buffer") + (("checkpoint_every",) if self.resampled else ())
+        return {"world_size": world_size, "num_workers": self.loader_workers, **{k: getattr(self, k) for k in keys}}
+
+
+@dataclass(kw_only=True)
+class FitConfig(ShardLoopConfig):
+    """cfg-distill, classifier-distill and w-distill."""
+
+    method: str
+    teacher: str
+    guidance_scale: float | None = None  # alpha (cfg-distill) or gamma (classifier-distill)
+    w_min: float = 2.0  # w-distill: the guidance-scale range, in diffusers' guidance_scale units
+    w_max: float = 14.0
+    w_embedding_dim: int = 256
+    max_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.method not in SHARD_KIND:
+            raise UserError(f"unknown --method {self.method!r}; expected one of {sorted(SHARD_KIND)}")
+        super().__post_init__()
+        if self.guidance_scale is None and self.method in DEFAULT_GUIDANCE_SCALE:
+            self.guidance_scale = DEFAULT_GUIDANCE_SCALE[self.method]
+        if self.method == "w-distill" and not self.w_min <= self.w_max:
+            raise UserError(f"--w-min {self.w_min} is above --w-max {self.w_max}")
+        if self.max_steps < 1:
+            raise UserError("--max-steps must be at least 1")
+
     @property
     def shard_kind(self) -> str:
         return SHARD_KIND[self.method]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def identity(self) -> dict[str, Any]:
         """What a resume must not change: it would be another training run."""
@@ -91,7 +110,44 @@ class FitConfig:
                 "gradient_accumulation_steps", "seed")
         return {k: getattr(self, k) for k in keys}
 
-    def data_layout(self, world_size: int) -> dict[str, Any]:
-        """What a resume may change, at the price of a different data order from there on."""
-        keys = ("resampled", "shuffle_buffer") + (("checkpoint_every",) if self.resampled else ())
-        return {"world_size": world_size, "num_workers": self.loader_workers, **{k: getattr(self, k) for k in keys}}
+
+@dataclass(kw_only=True)
+class ProgressiveConfig(ShardLoopConfig):
+    """progressive: halve the sampling steps of a w-conditioned student, round after round (Meng et al. stage 2)."""
+
+    student: str  # a w-distill student (or a progressive round folder, to go on from it)
+    method: str = "progressive"
+    start_steps: int = 64  # the steps the starting student is sampled with: the first round's teacher
+    end_steps: int = 1  # the last round's student
+    iters_per_round: int = 1000  # optimiser steps per round
+    w_min: float | None = None  # the w range to train on [the student's own]
+    w_max: float | None = None
+    lr_scheduler: str = "constant"  # per round
+    lr_warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method != "progressive":
+            raise UserError(f"ProgressiveConfig is for --method progressive, not {self.method!r}")
+        super().__post_init__()
+        if self.iters_per_round < 1:
+            raise UserError("--iters-per-round must be at least 1")
+        ratio = self.start_steps / max(self.end_steps, 1)
+        if self.end_steps < 1 or ratio < 2 or ratio != 2 ** round(math.log2(ratio)):
+            raise UserError(f"--start-steps {self.start_steps} must be --end-steps {self.end_steps} times a power "
+                            "of two (at least one halving)")
+        if self.w_min is not None and self.w_max is not None and self.w_min > self.w_max:
+            raise UserError(f"--w-min {self.w_min} is above --w-max {self.w_max}")
+
+    @property
+    def round_steps(self) -> list[int]:
+        """Each round's student steps: start/2, start/4, ..., end."""
+        steps, out = self.start_steps, []
+        while steps > self.end_steps:
+            steps //= 2
+            out.append(steps)
+        return out
+
+    def identity(self) -> dict[str, Any]:
+        keys = ("method", "start_steps", "end_steps", "iters_per_round", "w_min", "w_max", "batch_size",
+                "gradient_accumulation_steps", "seed")
+        return {k: getattr(self, k) for k in keys}

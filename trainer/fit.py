@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
@@ -93,12 +94,49 @@ def build_student(cfg: FitConfig, teacher_root: Path) -> UNet2DConditionModel:
     return prepare_unet(unet, cfg)
 
 
+def make_optimizer(cfg, student) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+
+
+def make_lr_scheduler(cfg, optimizer, steps: int):
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=steps)
+
+
+def make_ema(cfg, student, device) -> EMAModel | None:
+    """diffusers' EMAModel with warm-up over the student's weights, or None when --ema-decay is 0."""
+    if not cfg.ema_decay:
+        return None
+    ema = EMAModel(student.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
+    ema.to(device)
+    return ema
+
+
+def shard_micro_batches(cfg, accelerator, fingerprint: str, kind: str | None, tensor_names: tuple[str, ...],
+                        step: int) -> Iterator:
+    """This rank's micro-batches of the shards from optimiser step `step` on (see trainer.data)."""
+    stream = ShardStream(cfg.shards, teacher_fingerprint=fingerprint, kind=kind, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                         resampled=cfg.resampled)
+    batches = MicroBatches(stream, cfg.batch_size, tensor_names,
+                           resampled_pass_length=cfg.checkpoint_every * cfg.gradient_accumulation_steps,
+                           num_workers=cfg.loader_workers)
+    return batches.from_position(step * cfg.gradient_accumulation_steps)
+
+
+def init_trackers(cfg, accelerator, name: str) -> None:
+    """accelerate's trackers (TensorBoard by default) in OUT/logs, with the config as hyper-parameters."""
+    if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.init_trackers(name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                for k, v in cfg.to_dict().items()})
+
+
 def w_generator(seed: int, rank: int, micro_index: int) -> torch.Generator:
     """The generator for one micro-batch's w draws: a function of position, so resumes redraw the same w."""
     return position_generator("w", seed, rank, micro_index)
 
 
-def micro_batch_loss(cfg: FitConfig, student, schedule, batch, text, device, generator) -> torch.Tensor:
+def micro_batch_loss(cfg: FitConfig, student, schedule, device, batch, text, generator) -> torch.Tensor:
     """Mean over the micro-batch of the method's per-sample loss."""
     unwrapped = getattr(student, "module", student)
     z_t, t = batch["zt"].to(device).float(), batch["t"].to(device)
@@ -114,9 +152,11 @@ def micro_batch_loss(cfg: FitConfig, student, schedule, batch, text, device, gen
     return classifier_distill_loss(eps_student, tensors["eps"], tensors["grad"], beta_t, cfg.guidance_scale).mean()
 
 
-def train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, schedule, text_cache, batches: Iterator,
+def train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, loss_fn, text_cache, batches: Iterator,
                state: TrainState, stop: StopRequest, key_log=None) -> float | None:
     """One optimiser step over gradient_accumulation_steps micro-batches; None when a non-finite loss skipped it.
+    `loss_fn(batch, text, generator)` is the method's mean loss of one micro-batch; `generator` draws its
+    randomness (a function of position, so resumes redraw it).
 
     Every rank agrees on skipping (and on stopping) through one small reduce per micro-batch, which also
     carries the loss, so no rank ever waits at a collective another rank skipped.
@@ -133,7 +173,7 @@ def train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, schedule
         generator = w_generator(cfg.seed, accelerator.process_index, micro_index)
         with accelerator.no_sync(student) if i < accum - 1 else nullcontext():
             text = text_cache(batch["caption"])
-            loss = micro_batch_loss(cfg, student, schedule, batch, text, device, generator)
+            loss = loss_fn(batch, text, generator)
             finite = bool(torch.isfinite(loss))
             flags = torch.tensor([0.0 if finite else 1.0, float(stop.requested), loss.item() if finite else 0.0],
                                  device=device)
@@ -200,6 +240,38 @@ def export_student(cfg, accelerator, student, ema, info, run, teacher, state) ->
     accelerator.wait_for_everyone()
 
 
+def run_steps(cfg, accelerator, state: TrainState, until: int, step, checkpoint, current_lr, description: str,
+              first: int = 0) -> tuple[str, list[float]]:
+    """Call `step(stop, key_log)` until state.step reaches `until`, with a progress bar from `first`, tracker
+    logs, checkpoints (every --checkpoint-every steps, at `until`, on Ctrl-C/SIGTERM) and the stop after
+    --max-nonfinite-steps skipped steps in a row. Returns ("done" or "interrupted", each step's seconds: data
+    wait included, checkpoints not)."""
+    status, seconds = "done", []
+    progress_bar = tqdm(total=until - first, initial=state.step - first, desc=description, unit="step",
+                        disable=not accelerator.is_main_process)
+    with _open_key_log(cfg, accelerator) as key_log, StopRequest() as stop, progress_bar as progress:
+        while state.step < until:
+            started = time.perf_counter()
+            loss = step(stop, key_log)
+            seconds.append(time.perf_counter() - started)
+            state.record(loss)
+            progress.update(1)
+            if loss is not None:
+                progress.set_postfix(loss=f"{loss:.4g}", lr=f"{current_lr():.2g}")
+                if state.step % cfg.log_every == 0:
+                    accelerator.log({"loss": loss, "lr": current_lr()}, step=state.step)
+            if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                checkpoint()
+                raise NonFiniteLoss(f"stopped at step {state.step}: {state.nonfinite_in_a_row} non-finite losses in "
+                                    f"a row (lower --lr, or try --mixed-precision bf16/no)")
+            if state.step % cfg.checkpoint_every == 0 or state.step == until or stop.agreed:
+                checkpoint()
+            if stop.agreed:
+                status = "interrupted"
+                break
+    return status, seconds
+
+
 def _open_key_log(cfg: FitConfig, accelerator):
     """--record-keys: OUT/logs/keys-rankR.tsv, one line (step, record key) per sample this rank trained on;
     otherwise a context that yields None."""
@@ -218,19 +290,12 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
     info = check_shards(cfg)
     teacher = load_teacher(cfg.teacher, TEACHER_DTYPE[cfg.mixed_precision], accelerator.device,
                            with_unet_and_vae=False)
-    stream = ShardStream(cfg.shards, teacher_fingerprint=teacher.fingerprint, kind=cfg.shard_kind,
-                         rank=accelerator.process_index, world_size=accelerator.num_processes,
-                         shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, resampled=cfg.resampled)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, teacher.root)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_steps)
-    ema = EMAModel(student.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3) if cfg.ema_decay else None
+    optimizer = make_optimizer(cfg, student)
+    lr_scheduler = make_lr_scheduler(cfg, optimizer, cfg.max_steps)
+    ema = make_ema(cfg, student, accelerator.device)
     student, optimizer = accelerator.prepare(student, optimizer)
-    if ema is not None:
-        ema.to(accelerator.device)
 
     run = {"identity": cfg.identity(), "data_layout": cfg.data_layout(accelerator.num_processes),
            "teacher_fingerprint": teacher.fingerprint, "data_sha256": sha256_file(Path(cfg.shards) / MANIFEST)}
@@ -245,39 +310,21 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
         accelerator.print(f"already at step {state.step} >= --max-steps {cfg.max_steps}; exporting")
 
     text_cache = TextEmbeddingCache(teacher.encode_text, cfg.text_cache_size)
-    batches = MicroBatches(stream, cfg.batch_size, TENSORS_BY_KIND[cfg.shard_kind] + ("zt",),
-                           resampled_pass_length=cfg.checkpoint_every * cfg.gradient_accumulation_steps,
-                           num_workers=cfg.loader_workers).from_position(state.step * cfg.gradient_accumulation_steps)
-    if accelerator.is_main_process and cfg.report_to != "none":
-        accelerator.init_trackers("fit", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                 for k, v in cfg.to_dict().items()})
-    status = "done"
-    step_seconds = []  # inside train_step: data wait included, checkpoints and export not
-    progress_bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"fit {cfg.method}", unit="step",
-                        disable=not accelerator.is_main_process)
-    with _open_key_log(cfg, accelerator) as key_log, StopRequest() as stop, progress_bar as progress:
-        while state.step < cfg.max_steps:
-            started = time.perf_counter()
-            loss = train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, teacher.schedule,
-                              text_cache, batches, state, stop, key_log)
-            step_seconds.append(time.perf_counter() - started)
-            state.record(loss)
-            progress.update(1)
-            if loss is not None:
-                progress.set_postfix(loss=f"{loss:.4g}", lr=f"{lr_scheduler.get_last_lr()[0]:.2g}")
-                if state.step % cfg.log_every == 0:
-                    accelerator.log({"loss": loss, "lr": lr_scheduler.get_last_lr()[0]}, step=state.step)
-            if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                save_checkpoint(Path(cfg.out), state.step, run, cfg.to_dict(), accelerator, parts, state.to_dict(),
-                                cfg.checkpoints_total_limit)
-                raise NonFiniteLoss(f"stopped at step {state.step}: {state.nonfinite_in_a_row} non-finite losses in "
-                                    f"a row (lower --lr, or try --mixed-precision bf16/no)")
-            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps or stop.agreed:
-                save_checkpoint(Path(cfg.out), state.step, run, cfg.to_dict(), accelerator, parts, state.to_dict(),
-                                cfg.checkpoints_total_limit)
-            if stop.agreed:
-                status = "interrupted"
-                break
+    batches = shard_micro_batches(cfg, accelerator, teacher.fingerprint, cfg.shard_kind,
+                                  TENSORS_BY_KIND[cfg.shard_kind] + ("zt",), state.step)
+    init_trackers(cfg, accelerator, "fit")
+    loss_fn = partial(micro_batch_loss, cfg, student, teacher.schedule, accelerator.device)
+
+    def step(stop: StopRequest, key_log) -> float | None:
+        return train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, loss_fn, text_cache, batches,
+                          state, stop, key_log)
+
+    def checkpoint() -> None:
+        save_checkpoint(Path(cfg.out), state.step, run, cfg.to_dict(), accelerator, parts, state.to_dict(),
+                        cfg.checkpoints_total_limit)
+
+    status, step_seconds = run_steps(cfg, accelerator, state, cfg.max_steps, step, checkpoint,
+                                     lambda: lr_scheduler.get_last_lr()[0], f"fit {cfg.method}")
     if status == "done":
         export_student(cfg, accelerator, student, ema, info, run, teacher, state)
     accelerator.end_training()

@@ -30,7 +30,7 @@ from trainer.checkpoint import resolve_resume
 from trainer.data import position_generator
 from trainer.ema import HalfLifeEMA
 from trainer.export import save_student
-from trainer.fit import make_accelerator, prepare_unet
+from trainer.fit import init_trackers, make_accelerator, prepare_unet
 from trainer.losses import finite_samples, sid_fake_score_loss, sid_generator_loss
 from trainer.prompts import PromptSampler, read_prompts
 from trainer.resume import load_checkpoint, save_checkpoint
@@ -264,9 +264,7 @@ def run_sid(cfg: SidConfig) -> dict[str, Any]:
         save_checkpoint(Path(cfg.out), state.iteration, run, cfg.to_dict(), accelerator, nets.parts(),
                         state.to_dict(), cfg.checkpoints_total_limit)
 
-    if accelerator.is_main_process and cfg.report_to != "none":
-        accelerator.init_trackers("fit-sid-lsg", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                         for k, v in cfg.to_dict().items()})
+    init_trackers(cfg, accelerator, "fit-sid-lsg")
     grid_prompts = prompt_list.prompts[:cfg.grid_prompts]
     if accelerator.is_main_process and cfg.grid_every_kimg > 0 and state.images == 0:
         save_sample_grid(nets.sampling_generator(), nets.teacher, grid_prompts, cfg.t_init, Path(cfg.out), 0)
