@@ -20,6 +20,7 @@ from digits.world import build_world
 from evaluation.cli import main as evaluation_main
 from pipeline.cli import main as pipeline_main
 from trainer.cli import main as trainer_main
+from trainer.progressive import round_folder, use_grid_scheduler
 
 
 def _run(program: str, entry, argv: list) -> None:
@@ -65,14 +66,41 @@ def fit_one_step(root: Path, world, s: DemoSettings) -> None:
     ])
 
 
+def fit_few_step(root: Path, world, s: DemoSettings) -> None:
+    """Progressive distillation of the w-student, round after round down to one step; and, as the baseline, the
+    w-student itself on the same trailing DDIM grid (a copy whose scheduler is that grid)."""
+    _run("trainer", trainer_main, [
+        "fit", "--method", "progressive", "--student", root / "student-w", "--shards", root / "shards-cfg",
+        "--out", root / "student-progressive", "--start-steps", s.progressive_start_steps, "--end-steps", 1,
+        "--iters-per-round", s.progressive_iters, "--batch-size", s.fit_batch, "--lr", s.progressive_lr,
+        "--ema-decay", 0, "--checkpoint-every", s.progressive_iters, "--resume", "latest", "--report-to", "none",
+    ])
+    baseline = root / "student-w-trailing"
+    shutil.rmtree(baseline, ignore_errors=True)
+    shutil.copytree(root / "student-w", baseline, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    use_grid_scheduler(baseline)
+
+
+def few_step_models(root: Path, s: DemoSettings) -> dict[str, tuple[str, int]]:
+    """name -> (model argument, steps) for the report's few-step table, all at w = alpha; "reference" is the
+    w-student at the steps the first round starts from."""
+    models = {"reference": (f"{root / 'student-w-trailing'}@cfg={s.alpha}", s.progressive_start_steps)}
+    for n in s.few_steps:
+        models[f"w-{n}"] = (f"{root / 'student-w-trailing'}@cfg={s.alpha}", n)
+        models[f"progressive-{n}"] = (f"{round_folder(root / 'student-progressive', n)}@cfg={s.alpha}", n)
+        if n in s.stochastic_steps:
+            models[f"stochastic-{n}"] = (f"{round_folder(root / 'student-progressive', n)}@cfg={s.alpha}@stochastic", n)
+    return models
+
+
 def evaluate(root: Path, world, s: DemoSettings) -> None:
     """Renders afresh each run (the students may have changed); the reference features stay cached."""
     for folder in (root / "eval").glob("*"):
         if folder.is_dir() and folder.name != "cache":
             shutil.rmtree(folder)
-    common = ["--coco", world.coco, "--evaluator", "digits", "--digits-classifier", world.classifier,
-              "--num-images", s.eval_images, "--num-inference-steps", s.sample_steps, "--batch-size", 64,
-              "--cache-dir", root / "eval" / "cache"]
+    scoring = ["--coco", world.coco, "--evaluator", "digits", "--digits-classifier", world.classifier,
+               "--num-images", s.eval_images, "--batch-size", 64, "--cache-dir", root / "eval" / "cache"]
+    common = [*scoring, "--num-inference-steps", s.sample_steps]
     _run("evaluation", evaluation_main, [
         "sweep", "--teacher", world.teacher, "--scales", ",".join(map(str, s.sweep_scales)),
         "--model", root / "student-cfg", "--model", f"{root / 'student-w'}@cfg={s.alpha}",
@@ -80,11 +108,16 @@ def evaluate(root: Path, world, s: DemoSettings) -> None:
     for name, model in s.blue_models(world.teacher, root).items():
         _run("evaluation", evaluation_main, ["coco30k", "--model", model, "--metrics", "blue,clip",
                                              "--out", root / "eval" / name, *common])
+    for name, (model, steps) in few_step_models(root, s).items():
+        _run("evaluation", evaluation_main, ["coco30k", "--model", model, "--metrics", "fid,clip",
+                                             "--out", root / "eval" / "few-step" / name, *scoring,
+                                             "--num-inference-steps", steps])
     teacher = world.teacher
     _run("evaluation", evaluation_main, [
         "speed", "--model", f"{teacher}@cfg=1", "--model", f"{teacher}@cfg={s.alpha}",
         "--model", f"{teacher}@blue={s.gamma}", "--model", root / "student-cfg", "--model", root / "student-blue",
         "--model", f"{root / 'student-w'}@cfg={s.alpha}", "--model", root / "student-sid",
+        "--model", few_step_models(root, s)[f"progressive-{s.few_steps[-1]}"][0],
         "--out", root / "eval" / "speed",
         "--num-inference-steps", s.sample_steps, "--batch-size", s.speed_batch, "--repeats", s.speed_repeats])
 
@@ -100,6 +133,7 @@ def main(out: str, fast: bool) -> None:
     build_shards(root, world, settings)
     fit_students(root, world, settings)
     fit_one_step(root, world, settings)
+    fit_few_step(root, world, settings)
     evaluate(root, world, settings)
     report = write_report(root, world, settings, time.perf_counter() - start)
     click.echo(f"report: {report.resolve()}")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from evaluation.metrics import paired_mse
+from evaluation.render import load_images
 from evaluation.report import markdown_table
 from evaluation.sweep import slug
 
@@ -33,6 +35,45 @@ def labelled_grid(rows: list[tuple[str, Path]], path: Path, side: int = 64) -> N
                     grid.paste(image.convert("RGB").resize((side, side), Image.NEAREST),
                                (label_width + c * side, r * side))
     grid.save(path)
+
+
+def _clip_fid(folder: Path) -> list:
+    """[digit-CLIP, digit-FID] of one coco30k run, or two empty cells when it did not run."""
+    path = folder / "metrics.json"
+    return [_json(path)["clip_score"], _json(path)["fid"]] if path.is_file() else [None, None]
+
+
+def _distance(folder: Path, reference: Path, count: int) -> float | None:
+    """paired_mse of a run's images against the reference run's (same prompts and seeds)."""
+    if not (folder / "images").is_dir():
+        return None
+    return paired_mse(load_images(folder, count), load_images(reference, count))
+
+
+def few_step_section(root: Path, settings) -> list[str]:
+    """Progressive distillation against the w-student it came from, both on the same trailing DDIM grid."""
+    folder = root / "eval" / "few-step"
+    record = _json(root / "student-progressive" / f"round-{settings.few_steps[0]:02d}steps" / "distillation.json")
+    start, count = settings.progressive_start_steps, settings.eval_images
+    rows = [[n, _distance(folder / f"w-{n}", folder / "reference", count), *_clip_fid(folder / f"w-{n}"),
+             _distance(folder / f"progressive-{n}", folder / "reference", count),
+             *_clip_fid(folder / f"progressive-{n}"), *_clip_fid(folder / f"stochastic-{n}")]
+            for n in settings.few_steps]
+    return [
+        f"## Fewer steps: progressive distillation (w = {settings.alpha:g})", "",
+        f"`trainer fit --method progressive` halves the w-student's {settings.progressive_start_steps} steps "
+        f"{record['rounds']} times ({settings.progressive_iters} iterations a round, batch "
+        f"{record['global_batch_size']}), each round from the previous one. Every column samples on the same "
+        "trailing DDIM grid (t = 999 first, the clean sample last); the stochastic sampler is Meng et al.'s "
+        f"(two steps forward, one back). *Distance* is the mean squared pixel difference (in [0, 1] units) to "
+        f"the w-student's own {start}-step images with the same prompts and seeds: what progressive distillation "
+        "optimises. In this world digit-FID and digit-CLIP favour the smooth images of very few steps, so they "
+        "rank samplers poorly here; the distance is the measure to read.", "",
+        *markdown_table(["steps", "w-student, not distilled: distance", "digit-CLIP", "digit-FID",
+                         "progressive student: distance", "digit-CLIP", "digit-FID",
+                         "progressive, stochastic: digit-CLIP", "digit-FID"], rows, ".4g"),
+        "",
+    ]
 
 
 def write_report(root: Path, world, settings, seconds: float) -> Path:
@@ -85,6 +126,7 @@ def write_report(root: Path, world, settings, seconds: float) -> Path:
         "and seeds during training (left to right: start, then every quarter):", "",
         *[f"![{p.stem}](student-sid/samples/{p.name})" for p in sorted((root / "student-sid" / "samples").glob("*.png"))],
         "",
+        *few_step_section(root, settings),
         "## The teacher across CFG scales, and the students", "", "![sweep](eval/sweep/sweep.png)", "",
         *markdown_table(["point", "digit-CLIP", "digit-FID"], [[r["label"], float(r["clip_score"]), float(r["fid"])] for r in sweep]),
         "",
@@ -101,6 +143,7 @@ def write_report(root: Path, world, settings, seconds: float) -> Path:
     lines += [f"Columns: {'; '.join(prompts)}.", ""]
     rows = [(r["label"], evals / "sweep" / slug(r["label"])) for r in sweep]
     rows += [(name, evals / name) for name in blue]
+    rows += [(f"progressive, {n} step{'s' * (n > 1)}", evals / "few-step" / f"progressive-{n}") for n in settings.few_steps]
     labelled_grid(rows, root / "grids.png")
     report = root / "report.md"
     report.write_text("\n".join(lines) + "\n")

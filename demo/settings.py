@@ -25,6 +25,11 @@ class DemoSettings:
     sid_batch: int = 64
     sid_lr: float = 5e-5  # the seed's 1e-6 is for SD at batch 512; this small UNet takes far larger steps
     sid_ema_kimg: float = 2.0
+    progressive_start_steps: int = 16  # the w-student's steps; rounds give 8, 4, 2, 1
+    progressive_iters: int = 200  # per round
+    progressive_lr: float = 5e-5  # the x0 loss of an eps-student at t = 999 weighs eps errors by (sigma/a)^2
+    few_steps: tuple[int, ...] = (1, 2, 4, 8)  # the step counts compared in the report
+    stochastic_steps: tuple[int, ...] = (4, 8)  # ... with Meng et al.'s stochastic sampler too
     eval_images: int = 300
     sample_steps: int = 25
     sweep_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -40,5 +45,6 @@ class DemoSettings:
 
 FULL = DemoSettings()
 FAST = DemoSettings(world=FAST_WORLD, shard_samples=64, fit_steps=4, fit_batch=8, sid_kimg=0.016, sid_batch=8,
-                    sid_ema_kimg=0.008, eval_images=16, sample_steps=3,
+                    sid_ema_kimg=0.008, progressive_start_steps=4, progressive_iters=2, few_steps=(1, 2),
+                    stochastic_steps=(2,), eval_images=16, sample_steps=3,
                     sweep_scales=(1.0, 3.0), speed_batch=2, speed_repeats=1)

@@ -67,6 +67,14 @@ def paired_cosines(image_features: np.ndarray, text_features: np.ndarray) -> np.
     return (image * text).sum(axis=1)
 
 
+def paired_mse(images: list[np.ndarray], references: list[np.ndarray]) -> float:
+    """Mean squared difference, in [0, 1] pixel units, between image i and reference i (same prompt and seed):
+    how closely a few-step sampler reproduces a many-step one."""
+    a = np.stack(images).astype(np.float64) / 255.0
+    b = np.stack(references).astype(np.float64) / 255.0
+    return float(((a - b) ** 2).mean())
+
+
 def clip_score(image_features: np.ndarray, text_features: np.ndarray) -> float:
     """Mean over pairs of cos(image_i, text_i)."""
     return float(paired_cosines(image_features, text_features).mean())

@@ -83,7 +83,8 @@ def describe_model(model: str, guidance_scale: float | None = None, classifier_g
         w = min(max(DEFAULT_TEACHER_SCALE, low), high) if guidance_scale is None else guidance_scale
         if not low <= w <= high:
             raise UserError(f"--guidance-scale {w} is outside the w range [{low}, {high}] this student was trained on")
-        return ModelSpec(folder, method, w, steps=record.get("steps"), sampler=sampler)
+        steps = record["steps"] if method == "progressive" else None  # a w-student's "steps" are training steps
+        return ModelSpec(folder, method, w, steps=steps, sampler=sampler)
     if method in ("cfg-distill", "classifier-distill"):
         if guidance_scale not in (None, 1.0):
             raise UserError(f"{folder} has its guidance distilled in (scale {record['guidance_scale']}); sample it at "

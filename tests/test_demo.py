@@ -55,16 +55,21 @@ def test_train_and_eval_splits_are_disjoint():
 
 def test_report_has_every_section_and_grids(fast_demo):
     report = (fast_demo / "report.md").read_text()
-    for heading in ("Table 5 of the seed", "One-step generation", "across CFG scales", "Blue-tone guidance",
-                    "Time and memory", "Samples"):
+    for heading in ("Table 5 of the seed", "One-step generation", "Fewer steps", "across CFG scales",
+                    "Blue-tone guidance", "Time and memory", "Samples"):
         assert heading in report
     assert "| student-cfg (distilled, no guidance) |" in report
     grid = np.asarray(Image.open(fast_demo / "grids.png"))
-    assert grid.shape[0] == 64 * 8  # sweep points (2 scales + 3 students) + the three blue rows
+    assert grid.shape[0] == 64 * 10  # sweep points (2 scales + 3 students), three blue rows, progressive at 1 and 2
     assert "| student-sid, one step (SiD-LSG, kappa 3) | 1 |" in report
     sid = json.loads((fast_demo / "student-sid" / "distillation.json").read_text())
     assert sid["method"] == "sid-lsg" and sid["kimg"] == 0.016 and sid["iterations"] == 2
     assert len(list((fast_demo / "student-sid" / "samples").glob("*.png"))) == 3  # start, then each of 2 iterations
+    rounds = [json.loads((fast_demo / "student-progressive" / f"round-0{n}steps" / "distillation.json").read_text())
+              for n in (2, 1)]
+    assert [r["steps"] for r in rounds] == [2, 1] and [r["timesteps"] for r in rounds] == [[999, 499], [999]]
+    few = [line for line in report.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(few) == 2 and few[1].count("|") == 11 and "|  |" not in few[1]  # 2 steps: every column filled
     for name in ("cfg", "blue", "w"):
         record = json.loads((fast_demo / f"student-{name}" / "distillation.json").read_text())
         assert record["steps"] == 4

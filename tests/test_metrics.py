@@ -67,3 +67,12 @@ def test_blue_fraction_by_hand():
     image[1, 0] = (255, 255, 255)  # white
     assert blue_fraction([image]) == 0.25
     assert blue_fraction([image, np.zeros_like(image)]) == 0.125
+
+
+def test_paired_mse_in_unit_pixels():
+    from evaluation.metrics import paired_mse
+
+    black, white = np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 3), 255, np.uint8)
+    grey = np.full((2, 2, 3), 51, np.uint8)  # 0.2
+    assert paired_mse([black, white], [black, white]) == 0.0
+    assert paired_mse([black, black], [white, grey]) == pytest.approx((1.0 + 0.04) / 2)

@@ -120,13 +120,17 @@ def export_round(cfg, unet, start_record: dict, source: Path, steps: int, w_rang
                                   "divides the train timesteps"},
     }
     save_student(unet, source, folder, record)
-    scheduler_dir = folder / "scheduler"
-    config = json.loads((scheduler_dir / "scheduler_config.json").read_text())
-    (scheduler_dir / "scheduler_config.json").write_text(json.dumps(grid_scheduler_config(config), indent=2))
-    index = json.loads((folder / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "DDIMScheduler"]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    use_grid_scheduler(folder)
     return folder
+
+
+def use_grid_scheduler(folder: Path) -> None:
+    """Make a pipeline folder's scheduler DDIM on the trailing grid (see grid_scheduler_config)."""
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(grid_scheduler_config(json.loads(path.read_text())), indent=2))
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "DDIMScheduler"]
+    (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def _load_unet(folder: Path, dtype=torch.float32) -> UNet2DConditionModel:
