@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fit.py
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/sid.py
+	$(BIN)/python benchmarks/progressive.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -20,7 +20,7 @@ def model_options(function):
     for decorator in reversed([
         option("model", "StableDiffusionPipeline folder: a teacher or any student `trainer fit` wrote (or "
                "PATH@cfg=S, PATH@blue=GAMMA).", required=True),
-        option("guidance_scale", "CFG scale for a teacher [7.5], w for a w-student, gamma with "
+        option("guidance_scale", "CFG scale for a teacher [7.5], w for a w- or progressive student, gamma with "
                "--classifier-guidance.", type=float),
         option("classifier_guidance", "Teacher only: clip, blue or MODULE:FUNCTION guidance instead of CFG."),
         option("sampler", "Progressive students: deterministic DDIM on their grid, or Meng et al.'s stochastic "
@@ -157,7 +157,8 @@ def sweep(teacher: str, scales: str, models: tuple[str, ...], **options) -> None
 
 @cli.command("speed")
 @click.option("--model", "models", multiple=True, required=True,
-              help="PATH, PATH@cfg=S (teacher CFG or student w) or PATH@clip=GAMMA / @blue= (repeatable).")
+              help="PATH, PATH@cfg=S (teacher CFG or student w) or PATH@clip=GAMMA / @blue= (repeatable); a final "
+                   "@stochastic samples a progressive student stochastically.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="speed.json, speed.md, speed.png.")
 @click.option("--batch-size", default=1, show_default=True)
 @click.option("--num-inference-steps", default=10, show_default=True)

@@ -2,14 +2,16 @@
 
 The losses live in `trainer.losses`; this module only feeds them: it streams micro-batches, encodes captions,
 runs the student, accumulates gradients, steps the optimiser, keeps the EMA, logs, checkpoints and resumes.
+The progressive loop (`trainer.progressive`) runs on the same pieces: `train_step` takes any micro-batch loss,
+and `run_steps` drives steps, logs, checkpoints and Ctrl-C for both.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from functools import partial
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 

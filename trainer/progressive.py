@@ -41,8 +41,8 @@ def round_folder(out: Path, steps: int) -> Path:
     return Path(out) / f"round-{steps:02d}steps"
 
 
-def check_inputs(cfg: ProgressiveConfig) -> tuple[dict, dict, tuple[float, float]]:
-    """The starting student's record, the shards' info and the w range; one clear error for each bad input."""
+def check_inputs(cfg: ProgressiveConfig) -> tuple[dict, tuple[float, float]]:
+    """The starting student's record and the w range to train on; one clear error for each bad input."""
     record = read_distillation(Path(cfg.student))
     if record is None or record["method"] not in ("w-distill", "progressive"):
         method = None if record is None else record["method"]
@@ -59,7 +59,7 @@ def check_inputs(cfg: ProgressiveConfig) -> tuple[dict, dict, tuple[float, float
     w_range = (low if cfg.w_min is None else cfg.w_min, high if cfg.w_max is None else cfg.w_max)
     if not low <= w_range[0] <= w_range[1] <= high:
         raise UserError(f"--w-min/--w-max {w_range} must lie inside the student's w range [{low}, {high}]")
-    return record, info, w_range
+    return record, w_range
 
 
 def round_loss(student, teacher_unet, schedule, steps: int, w_range, device, batch, text, generator) -> torch.Tensor:
@@ -142,13 +142,14 @@ def run_progressive(cfg: ProgressiveConfig) -> dict[str, Any]:
     folders and each step's seconds."""
     quiet_library_progress()
     accelerator = make_accelerator(cfg)
-    start_record, _info, w_range = check_inputs(cfg)
+    start_record, w_range = check_inputs(cfg)
     base = load_teacher(cfg.student, TEACHER_DTYPE[cfg.mixed_precision], accelerator.device, with_unet_and_vae=False)
-    if not is_w_conditioned(_load_unet(base.root)):
-        raise UserError(f"--student {cfg.student}: its UNet has no w embedding (time_cond_proj_dim)")
     fingerprint = start_record["teacher"]["fingerprint"]  # the shards were built by the original teacher
     torch.manual_seed(cfg.seed)
-    student = prepare_unet(_load_unet(base.root), cfg)
+    student = _load_unet(base.root)
+    if not is_w_conditioned(student):
+        raise UserError(f"--student {cfg.student}: its UNet has no w embedding (time_cond_proj_dim)")
+    student = prepare_unet(student, cfg)
     teacher_unet = _load_unet(base.root, base.dtype).to(accelerator.device).eval().requires_grad_(False)
     optimizer = make_optimizer(cfg, student)
     student, optimizer = accelerator.prepare(student, optimizer)
