@@ -77,8 +77,9 @@ def sid_iteration(teacher_dir: str, prompts: str, out: str, batch_size: int, ite
 
 
 def in_fresh_process(job: dict) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                          cwd=Path(__file__).parent)
+    script = Path(__file__).resolve()
+    done = subprocess.run([sys.executable, str(script), "--child", json.dumps(job)], capture_output=True, text=True,
+                          cwd=script.parent)
     if done.returncode != 0:
         raise RuntimeError(f"{job['kind']} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
