@@ -21,16 +21,13 @@ import torch
 from accelerate.state import AcceleratorState
 
 from diffusion.teacher import load_teacher
-from diffusion.tiny import CPU_SIZES, write_tiny_teacher
 from diffusion.unet import unet_eps
-from pipeline.build import BuildConfig, run_build
-from pipeline.synthetic import write_img2dataset_source
 from shards.reader import ShardStream
 from trainer.config import FitConfig
 from trainer.fit import build_student, run_fit
 from trainer.losses import cfg_distill_loss
 
-from figures import emit  # benchmarks/figures.py: the scripts run from benchmarks/
+from figures import build_shard_world, emit, shard_world_options  # benchmarks/figures.py: the scripts run from benchmarks/
 
 
 def bare_student_rate(cfg: FitConfig, shards: Path, steps: int) -> float:
@@ -66,18 +63,11 @@ def trainer_rates(cfg: FitConfig) -> tuple[float, float]:
 
 
 @click.command()
-@click.option("--samples", default=256, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--resolution", default=128, show_default=True)
-@click.option("--steps", default=60, show_default=True)
-@click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Also write the figures as JSON.")
+@shard_world_options(samples=256, steps=60)
 def main(samples: int, batch_size: int, resolution: int, steps: int, json_out: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        teacher_dir = write_tiny_teacher(tmp / "teacher", resolution=resolution, **CPU_SIZES)
-        source = write_img2dataset_source(tmp / "source", samples=samples, per_tar=64, size=resolution + 32)
-        run_build(BuildConfig(teacher=str(teacher_dir), source=str(source), out=str(tmp / "shards"),
-                              resolution=resolution, batch_size=16, shard_size=64))
+        teacher_dir, _ = build_shard_world(tmp, samples, resolution)
         cfg = dict(method="cfg-distill", teacher=str(teacher_dir), shards=str(tmp / "shards"), batch_size=batch_size,
                    max_steps=steps, lr_warmup_steps=0, ema_decay=0.0, report_to="none", checkpoint_every=steps)
         bare = [bare_student_rate(FitConfig(out=str(tmp / "bare"), **cfg), tmp / "shards", steps)]

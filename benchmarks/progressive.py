@@ -22,16 +22,13 @@ from accelerate.state import AcceleratorState
 
 from diffusion.samplers import grid_coefficients
 from diffusion.teacher import load_teacher
-from diffusion.tiny import CPU_SIZES, write_tiny_teacher
 from diffusion.unet import unet_eps
-from pipeline.build import BuildConfig, run_build
-from pipeline.synthetic import write_img2dataset_source
 from shards.reader import ShardStream
 from trainer.config import FitConfig, ProgressiveConfig
 from trainer.fit import run_fit
 from trainer.progressive import run_progressive
 
-from figures import emit  # benchmarks/figures.py: the scripts run from benchmarks/
+from figures import build_shard_world, emit, shard_world_options  # benchmarks/figures.py: the scripts run from benchmarks/
 
 
 def bare_rates(student_dir: Path, shards: Path, batch_size: int, steps: int) -> tuple[float, float]:
@@ -70,19 +67,11 @@ def bare_rates(student_dir: Path, shards: Path, batch_size: int, steps: int) -> 
 
 
 @click.command()
-@click.option("--samples", default=128, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--resolution", default=128, show_default=True)
-@click.option("--steps", default=40, show_default=True)
-@click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Also write the figures as JSON.")
+@shard_world_options(samples=128, steps=40)
 def main(samples: int, batch_size: int, resolution: int, steps: int, json_out: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        teacher_dir = write_tiny_teacher(tmp / "teacher", resolution=resolution, **CPU_SIZES)
-        source = write_img2dataset_source(tmp / "source", samples=samples, per_tar=64, size=resolution + 32)
-        shards = tmp / "shards"
-        run_build(BuildConfig(teacher=str(teacher_dir), source=str(source), out=str(shards), resolution=resolution,
-                              batch_size=16, shard_size=64, store_clean=True))
+        teacher_dir, shards = build_shard_world(tmp, samples, resolution, store_clean=True)
         run_fit(FitConfig(method="w-distill", teacher=str(teacher_dir), shards=str(shards), out=str(tmp / "w"),
                           max_steps=1, ema_decay=0.0, report_to="none", w_min=1.0, w_max=6.0))
         AcceleratorState._reset_state(reset_partial_state=True)
