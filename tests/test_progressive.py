@@ -215,3 +215,23 @@ def test_refusals(teacher_dir, w_student, cfg_shards, blue_shards, tmp_path, cap
         assert trainer_main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (message, err)
+
+
+def test_torchrun_two_processes(w_student, cfg_shards, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer.cli"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = progressive_args(w_student, cfg_shards, out, "--start-steps", 4, "--end-steps", 1, "--iters-per-round", 2,
+                            "--batch-size", 2, "--epochs")
+    done = subprocess.run(launch + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads((out / f"round-0{n}steps" / "distillation.json").read_text()) for n in (2, 1)]
+    assert [r["global_batch_size"] for r in records] == [4, 4] and [r["round"] for r in records] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints/step-00000004").glob("rng-rank*.json")) == [
+        "rng-rank0.json", "rng-rank1.json"]

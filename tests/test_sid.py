@@ -172,3 +172,15 @@ def test_cli_needs_prompts_and_refuses_sid_options_elsewhere(teacher_dir, tmp_pa
                          "--out", str(tmp_path), "--kappa", "2"]) == 2
     err = capsys.readouterr().err
     assert "--method sid-lsg needs --prompts" in err and "--kappa does not apply to --method cfg-distill" in err
+
+
+def test_bf16_autocast_with_a_bf16_teacher_keeps_float32_weights(teacher_dir, prompt_file, tmp_path):
+    out = tmp_path / "bf16"
+    assert trainer_main(sid_args(teacher_dir, prompt_file, out, "--max-kimg", 0.004, "--mixed-precision", "bf16",
+                                 "--gradient-checkpointing", "--ema-halflife-kimg", 0)) == 0
+    weights = load_file(out / "unet/diffusion_pytorch_model.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+    record = json.loads((out / "distillation.json").read_text())
+    assert record["mixed_precision"] == "bf16" and record["dropped_nonfinite_samples"] == 0
+    config = json.loads((out / "checkpoints/step-00000002/trainer_state.json").read_text())["config"]
+    assert config["teacher_precision"] == "bf16"
