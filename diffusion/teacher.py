@@ -153,9 +153,11 @@ def quiet_library_progress() -> None:
 
 
 def load_teacher(
-    teacher: str | os.PathLike, dtype: str = "fp32", device: str | torch.device = "cpu", with_unet_and_vae: bool = True
+    teacher: str | os.PathLike, dtype: str = "fp32", device: str | torch.device = "cpu", with_unet_and_vae: bool = True,
+    with_fingerprint: bool = True,
 ) -> Teacher:
-    """Load the components from local files only; a missing file is one clear UserError."""
+    """Load the components from local files only; a missing file is one clear UserError. Without
+    `with_fingerprint` (sampling only) the weights are not hashed and `fingerprint` is ""."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     root = resolve_teacher_dir(teacher)
@@ -175,6 +177,6 @@ def load_teacher(
         tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
         schedule=NoiseSchedule.from_scheduler_config(scheduler_config),
         scheduler_config=scheduler_config,
-        fingerprint=teacher_fingerprint(root),
+        fingerprint=teacher_fingerprint(root) if with_fingerprint else "",
         root=root,
     )

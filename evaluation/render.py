@@ -42,7 +42,7 @@ class Renderer:
         if spec.one_step or spec.kind == "progressive":  # our samplers, through the wrapper that trained the UNet
             from diffusion.teacher import load_teacher
 
-            self.teacher = load_teacher(spec.folder, dtype, self.device)
+            self.teacher = load_teacher(spec.folder, dtype, self.device, with_fingerprint=False)
             self.unet, self.vae = self.teacher.unet, self.teacher.vae
             if self.vae.dtype != torch.float32:
                 self.vae.to(torch.float32)
@@ -50,7 +50,7 @@ class Renderer:
             from diffusion.classifier_guidance import resolve_guidance
             from diffusion.teacher import load_teacher
 
-            self.teacher = load_teacher(spec.folder, dtype, self.device)
+            self.teacher = load_teacher(spec.folder, dtype, self.device, with_fingerprint=False)
             self.loss = resolve_guidance(spec.classifier_guidance, clip_model=clip_model, clip_weights=clip_weights,
                                          device=self.device).loss
             self.unet, self.vae = self.teacher.unet, self.teacher.vae
