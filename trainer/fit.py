@@ -305,8 +305,6 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
     state = TrainState()
     if (path := resolve_resume(Path(cfg.out), cfg.resume)) is not None:
         state = TrainState.from_dict(load_checkpoint(path, run, accelerator, parts))
-        if ema is not None:
-            ema.to(accelerator.device)
         accelerator.print(f"resumed from {path} at step {state.step}")
     if state.step >= cfg.max_steps:
         accelerator.print(f"already at step {state.step} >= --max-steps {cfg.max_steps}; exporting")

@@ -61,8 +61,10 @@ def _read_part(folder: Path, name: str, part, accelerator, saved: dict) -> None:
         raise UserError(f"--resume {folder}: the checkpoint has no {name}.safetensors (written by another method?)")
     if isinstance(part, torch.nn.Module):
         accelerator.unwrap_model(part).load_state_dict(load_weights(folder, name))
-    else:
-        part.load_state_dict(load_state(folder, name))
+        return
+    part.load_state_dict(load_state(folder, name))
+    if callable(getattr(part, "to", None)):  # diffusers' EMAModel takes the loaded (CPU) tensors as they are
+        part.to(accelerator.device)
 
 
 def save_checkpoint(out: Path, step: int, run: dict, config: dict, accelerator, parts: dict[str, Any],
