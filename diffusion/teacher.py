@@ -143,6 +143,11 @@ class Teacher:
         return eps[:batch], eps[batch:]
 
 
+def load_unet(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """The UNet of a StableDiffusionPipeline folder, from local files only."""
+    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, torch_dtype=dtype)
+
+
 def quiet_library_progress() -> None:
     """Our own progress bars say what is happening; the libraries' per-file loading bars only add noise."""
     import diffusers.utils.logging
@@ -168,7 +173,7 @@ def load_teacher(
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     unet = vae = None
     if with_unet_and_vae:
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kwargs).to(device)
+        unet = load_unet(root, torch_dtype).to(device)
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kwargs).to(device)
     return Teacher(
         unet=unet,

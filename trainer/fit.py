@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from diffusion.errors import UserError
 from diffusion.files import sha256_file
 from diffusion.launch import check_world_size
-from diffusion.teacher import load_teacher, quiet_library_progress
+from diffusion.teacher import load_teacher, load_unet, quiet_library_progress
 from diffusion.unet import add_guidance_embedding, unet_eps
 from shards.format import TENSORS_BY_KIND
 from shards.manifest import MANIFEST, read_dataset_info
@@ -89,8 +89,7 @@ def prepare_unet(unet: UNet2DConditionModel, cfg) -> UNet2DConditionModel:
 
 def build_student(cfg: FitConfig, teacher_root: Path) -> UNet2DConditionModel:
     """The teacher's UNet in float32, trainable; for w-distill with the zero-initialised w embedding."""
-    unet = UNet2DConditionModel.from_pretrained(teacher_root, subfolder="unet", local_files_only=True,
-                                                torch_dtype=torch.float32)
+    unet = load_unet(teacher_root)
     if cfg.method == "w-distill":
         unet = add_guidance_embedding(unet, cfg.w_embedding_dim)
     return prepare_unet(unet, cfg)

@@ -12,9 +12,9 @@ import itertools
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
 
 from diffusion.guidance import cfg_combine, classifier_guided_eps
+from diffusion.teacher import load_unet
 from diffusion.unet import is_w_conditioned, unet_eps
 from shards.reader import ShardStream
 
@@ -33,7 +33,7 @@ def heldout_errors(student_dir: str | Path, shards: str | Path, teacher, scale: 
     """Errors at guidance scale `scale` (alpha, gamma or w): "student" and "baseline" MSE to the target, their
     "ratio", and "guidance_learned" = <eps_student - baseline, target - baseline> / ||target - baseline||^2:
     the share of the guidance correction the student has taken on (0 where it started, 1 when it matches)."""
-    unet = UNet2DConditionModel.from_pretrained(student_dir, subfolder="unet", local_files_only=True).eval()
+    unet = load_unet(student_dir).eval()
     batch = _records(Path(shards), limit)
     z_t, t, text = batch["zt"], batch["t"], teacher.encode_text(batch["caption"])
     if "eps_cond" in batch:

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler
 
 from diffusion.errors import UserError
 from diffusion.files import sha256_file
 from diffusion.samplers import CLEAN, ddim_step, grid_coefficients, step_grid
-from diffusion.teacher import load_teacher, quiet_library_progress
+from diffusion.teacher import load_teacher, load_unet, quiet_library_progress
 from diffusion.unet import is_w_conditioned, unet_eps
 from shards.manifest import MANIFEST, read_dataset_info
 from trainer.checkpoint import resolve_resume
@@ -133,10 +133,6 @@ def use_grid_scheduler(folder: Path) -> None:
     (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def _load_unet(folder: Path, dtype=torch.float32) -> UNet2DConditionModel:
-    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, torch_dtype=dtype)
-
-
 def run_progressive(cfg: ProgressiveConfig) -> dict[str, Any]:
     """Every round not yet written, resuming the one a checkpoint stopped in. Returns status, step, the round
     folders and each step's seconds."""
@@ -146,11 +142,11 @@ def run_progressive(cfg: ProgressiveConfig) -> dict[str, Any]:
     base = load_teacher(cfg.student, TEACHER_DTYPE[cfg.mixed_precision], accelerator.device, with_unet_and_vae=False)
     fingerprint = start_record["teacher"]["fingerprint"]  # the shards were built by the original teacher
     torch.manual_seed(cfg.seed)
-    student = _load_unet(base.root)
+    student = load_unet(base.root)
     if not is_w_conditioned(student):
         raise UserError(f"--student {cfg.student}: its UNet has no w embedding (time_cond_proj_dim)")
     student = prepare_unet(student, cfg)
-    teacher_unet = _load_unet(base.root, base.dtype).to(accelerator.device).eval().requires_grad_(False)
+    teacher_unet = load_unet(base.root, base.dtype).to(accelerator.device).eval().requires_grad_(False)
     optimizer = make_optimizer(cfg, student)
     student, optimizer = accelerator.prepare(student, optimizer)
     lr_scheduler = make_lr_scheduler(cfg, optimizer, cfg.iters_per_round)
@@ -176,7 +172,7 @@ def run_progressive(cfg: ProgressiveConfig) -> dict[str, Any]:
             previous = round_folder(Path(cfg.out), steps)
             folders.append(previous)
             continue
-        teacher_unet.load_state_dict(_load_unet(previous).state_dict())
+        teacher_unet.load_state_dict(load_unet(previous).state_dict())
         if state.step <= number * k:  # a fresh round: the student starts as its teacher, with fresh optimiser state
             state.step = number * k
             state.recent_losses.clear()

@@ -10,6 +10,7 @@ is a function of (seed, iteration, phase, round, rank), so a resume continues ex
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections import deque
@@ -19,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from diffusion.errors import UserError
 from diffusion.samplers import sid_one_step
-from diffusion.teacher import load_teacher, quiet_library_progress
+from diffusion.teacher import load_teacher, load_unet, quiet_library_progress
 from diffusion.unet import guided_eps, guided_x0
 from trainer.checkpoint import resolve_resume
 from trainer.data import position_generator
@@ -191,8 +191,8 @@ def build_networks(cfg: SidConfig, accelerator) -> SidNetworks:
     if cfg.gradient_checkpointing:
         teacher.unet.enable_gradient_checkpointing()
     torch.manual_seed(cfg.seed)
-    generator, fake = (prepare_unet(UNet2DConditionModel.from_pretrained(
-        teacher.root, subfolder="unet", local_files_only=True, torch_dtype=torch.float32), cfg) for _ in range(2))
+    generator = prepare_unet(load_unet(teacher.root), cfg)
+    fake = copy.deepcopy(generator)  # both start as the teacher's UNet in float32: one read from disk
     ema = HalfLifeEMA(generator, cfg.ema_halflife_kimg, cfg.ema_rampup) if cfg.ema_halflife_kimg > 0 else None
     adam = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
     generator_optimizer = torch.optim.Adam(generator.parameters(), lr=cfg.lr, **adam)
