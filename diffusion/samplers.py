@@ -45,14 +45,13 @@ def classifier_guided_ddim(
     return z
 
 
-def sid_one_step(unet, schedule: NoiseSchedule, noise: torch.Tensor, t_init: int, text: torch.Tensor,
-                 forward=None) -> torch.Tensor:
+def sid_one_step(unet, schedule: NoiseSchedule, noise: torch.Tensor, t_init: int, text: torch.Tensor) -> torch.Tensor:
     """The SiD one-step generator (Zhou et al. 2024, SiD-LSG eq. 2): x_g = f(sigma_init z, t_init, c) read as x0,
     i.e. (z_init - sigma_init eps) / a_init with z_init = sigma_init z = sqrt(1 - alphabar_tinit) z. Float32;
     differentiable in the generator's weights. The same function trains the generator and samples it."""
     t = torch.full((noise.shape[0],), int(t_init), dtype=torch.long, device=noise.device)
     z_init = schedule.sigma(t, noise) * noise.float()
-    eps = unet_eps(unet, schedule, z_init, t, text, forward=forward)
+    eps = unet_eps(unet, schedule, z_init, t, text)
     return schedule.eps_to_x0(z_init, eps, t)
 
 
@@ -87,9 +86,9 @@ def forward_noise(z_s: torch.Tensor, a_s, sigma_s, a_t, sigma_t, noise: torch.Te
     return ratio * z_s + (sigma_t**2 - ratio**2 * sigma_s**2).clamp(min=0).sqrt() * noise
 
 
-def _grid_eps(unet, schedule, z, t: int, text, guidance_scale, forward):
+def _grid_eps(unet, schedule, z, t: int, text, guidance_scale):
     batch_t = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
-    return unet_eps(unet, schedule, z, batch_t, text, guidance_scale=guidance_scale, forward=forward)
+    return unet_eps(unet, schedule, z, batch_t, text, guidance_scale=guidance_scale)
 
 
 def _coefficients(schedule, t: int, like):
@@ -97,13 +96,13 @@ def _coefficients(schedule, t: int, like):
 
 
 def grid_ddim(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: torch.Tensor, steps: int,
-              guidance_scale: torch.Tensor | None = None, forward=None) -> torch.Tensor:
+              guidance_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic N-step DDIM on the student's own grid (step_grid), from z = noise at t_0 to the clean end:
     one UNet pass per step; `guidance_scale` (one w per sample) for a w-conditioned student."""
     grid = step_grid(steps, schedule.num_timesteps) + [CLEAN]
     z = noise.float()
     for t, s in zip(grid[:-1], grid[1:]):
-        eps = _grid_eps(unet, schedule, z, t, text, guidance_scale, forward)
+        eps = _grid_eps(unet, schedule, z, t, text, guidance_scale)
         z = ddim_step(z, eps, *_coefficients(schedule, t, z), *_coefficients(schedule, s, z))
     return z
 
@@ -121,7 +120,7 @@ def grid_stochastic(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: to
         t, target = grid[i], grid[min(i + 2, steps)]
         if trace is not None:
             trace(t, z)
-        eps = _grid_eps(unet, schedule, z, t, text, guidance_scale, None)
+        eps = _grid_eps(unet, schedule, z, t, text, guidance_scale)
         z = ddim_step(z, eps, *_coefficients(schedule, t, z), *_coefficients(schedule, target, z))
         if target == CLEAN:
             return z

@@ -11,7 +11,6 @@ their w' = s - 1, which is exactly what the pipeline embeds.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -47,23 +46,22 @@ def unet_eps(
     t: torch.Tensor,
     text_embeddings: torch.Tensor,
     guidance_scale: torch.Tensor | None = None,
-    forward: Callable[..., Any] | None = None,
 ) -> torch.Tensor:
     """eps(z_t, t, c[, w]) in float32, whatever the UNet's prediction type; differentiable.
 
-    `guidance_scale` (one per sample) is required by a w-conditioned UNet and refused by any other.
-    `forward` is what to call instead of `unet` itself, e.g. its DDP wrapper during training.
+    `unet` may be wrapped for training (DDP: the wrapper is called, so gradients sync; its `.module` gives the
+    config). `guidance_scale` (one per sample) is required by a w-conditioned UNet and refused by any other.
     """
+    inner = getattr(unet, "module", unet)
     kwargs = {}
-    if is_w_conditioned(unet):
+    if is_w_conditioned(inner):
         if guidance_scale is None:
             raise ValueError("this UNet is w-conditioned: pass guidance_scale (one value per sample)")
-        kwargs["timestep_cond"] = w_condition(guidance_scale.to(z_t.device), unet).to(unet.dtype)
+        kwargs["timestep_cond"] = w_condition(guidance_scale.to(z_t.device), inner).to(inner.dtype)
     elif guidance_scale is not None:
         raise ValueError("guidance_scale given to a UNet without a guidance embedding (time_cond_proj_dim)")
     t = t.to(z_t.device)
-    call = forward or unet
-    out = call(z_t.to(unet.dtype), t, encoder_hidden_states=text_embeddings.to(unet.dtype), **kwargs).sample
+    out = unet(z_t.to(inner.dtype), t, encoder_hidden_states=text_embeddings.to(inner.dtype), **kwargs).sample
     return schedule.model_output_to_eps(out.float(), z_t.float(), t)
 
 
@@ -92,7 +90,6 @@ def guided_eps(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     kappas: tuple[float, ...],
-    forward: Callable[..., Any] | None = None,
 ) -> list[torch.Tensor]:
     """eps_uncond + kappa (eps_cond - eps_uncond) for each kappa, float32, differentiable in z_t.
 
@@ -100,12 +97,11 @@ def guided_eps(
     B samples when every kappa is 1. `uncond` may be one row, broadcast to the batch.
     """
     if all(k == 1.0 for k in kappas):
-        eps = unet_eps(unet, schedule, z_t, t, cond, forward=forward)
+        eps = unet_eps(unet, schedule, z_t, t, cond)
         return [eps for _ in kappas]
     batch = z_t.shape[0]
     uncond = uncond.expand(batch, -1, -1) if uncond.shape[0] == 1 else uncond
-    eps = unet_eps(unet, schedule, torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([cond, uncond]),
-                   forward=forward)
+    eps = unet_eps(unet, schedule, torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([cond, uncond]))
     eps_cond, eps_uncond = eps[:batch], eps[batch:]
     return [eps_uncond + k * (eps_cond - eps_uncond) for k in kappas]
 
@@ -118,8 +114,7 @@ def guided_x0(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     kappas: tuple[float, ...],
-    forward: Callable[..., Any] | None = None,
 ) -> list[torch.Tensor]:
     """The guided denoiser: x0 = (z_t - sigma_t eps_kappa) / a_t for each kappa (see `guided_eps`)."""
     return [schedule.eps_to_x0(z_t.float(), eps, t) for eps in guided_eps(unet, schedule, z_t, t, cond, uncond,
-                                                                          kappas, forward)]
+                                                                          kappas)]

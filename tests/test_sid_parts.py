@@ -64,23 +64,28 @@ def test_finite_samples_marks_any_nan_or_inf_row():
     assert finite_samples(a, b).tolist() == [True, False, False]
 
 
-def _stub_unet(eps_value: float, seen: list):
+class StubUNet:
     """A stand-in with a UNet's interface: records its input, predicts a constant eps."""
-    def forward(z, t, encoder_hidden_states):
-        seen.append((z.clone(), t.clone()))
-        return SimpleNamespace(sample=torch.full_like(z, eps_value))
 
-    return SimpleNamespace(config=SimpleNamespace(time_cond_proj_dim=None), dtype=torch.float32), forward
+    config = SimpleNamespace(time_cond_proj_dim=None)
+    dtype = torch.float32
+
+    def __init__(self, eps_value: float):
+        self.eps_value, self.seen = eps_value, []
+
+    def __call__(self, z, t, encoder_hidden_states):
+        self.seen.append((z.clone(), t.clone()))
+        return SimpleNamespace(sample=torch.full_like(z, self.eps_value))
 
 
 def test_generator_input_is_sqrt_one_minus_alphabar_z_and_output_is_x0(sd_schedule):
     t = torch.tensor([625])
     sigma, a = sd_schedule.sigma(t, torch.zeros(1)).item(), sd_schedule.a(t, torch.zeros(1)).item()
     assert sigma == pytest.approx(0.9286, abs=5e-5) and sigma / a == pytest.approx(2.50, abs=5e-3)
-    seen = []
-    unet, forward = _stub_unet(0.5, seen)
+    unet = StubUNet(0.5)
+    seen = unet.seen
     z = torch.randn(2, 4, 3, 3)
-    x_g = sid_one_step(unet, sd_schedule, z, 625, torch.zeros(2, 1, 8), forward=forward)
+    x_g = sid_one_step(unet, sd_schedule, z, 625, torch.zeros(2, 1, 8))
     assert torch.allclose(seen[0][0], sigma * z) and seen[0][1].tolist() == [625, 625]
     assert torch.allclose(x_g, (sigma * z - sigma * 0.5) / a, atol=1e-6)
 

@@ -139,14 +139,13 @@ def w_generator(seed: int, rank: int, micro_index: int) -> torch.Generator:
 
 def micro_batch_loss(cfg: FitConfig, student, schedule, device, batch, text, generator) -> torch.Tensor:
     """Mean over the micro-batch of the method's per-sample loss."""
-    unwrapped = getattr(student, "module", student)
     z_t, t = batch["zt"].to(device).float(), batch["t"].to(device)
     tensors = {k: batch[k].to(device) for k in TENSORS_BY_KIND[cfg.shard_kind]}
     if cfg.method == "w-distill":
         w = sample_w(z_t.shape[0], cfg.w_min, cfg.w_max, generator).to(device)
-        eps_student = unet_eps(unwrapped, schedule, z_t, t, text, guidance_scale=w, forward=student)
+        eps_student = unet_eps(student, schedule, z_t, t, text, guidance_scale=w)
         return w_distill_loss(eps_student, tensors["eps_cond"], tensors["eps_uncond"], w).mean()
-    eps_student = unet_eps(unwrapped, schedule, z_t, t, text, forward=student)
+    eps_student = unet_eps(student, schedule, z_t, t, text)
     if cfg.method == "cfg-distill":
         return cfg_distill_loss(eps_student, tensors["eps_cond"], tensors["eps_uncond"], cfg.guidance_scale).mean()
     beta_t = schedule.beta(t, z_t)

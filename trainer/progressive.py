@@ -84,8 +84,7 @@ def round_loss(student, teacher_unet, schedule, steps: int, w_range, device, bat
         eps_2 = unet_eps(teacher_unet, schedule, z_mid, t_mid, text, guidance_scale=w)
         z_end = ddim_step(z_mid, eps_2, a_mid, sigma_mid, a_end, sigma_end)
         target = progressive_target(z_t, z_end, a_t, sigma_t, a_end, sigma_end)
-    unwrapped = getattr(student, "module", student)
-    eps_student = unet_eps(unwrapped, schedule, z_t, t, text, guidance_scale=w, forward=student)
+    eps_student = unet_eps(student, schedule, z_t, t, text, guidance_scale=w)
     x0_student = (z_t - sigma_t * eps_student) / a_t
     return progressive_loss(x0_student, target, a_t, sigma_t).mean()
 

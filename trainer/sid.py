@@ -126,7 +126,7 @@ def fake_score_loss(cfg, nets: SidNetworks, text, uncond, z, noise, t) -> tuple[
     with torch.no_grad():
         x_g = sid_one_step(_unwrap(nets.generator), schedule, z, cfg.t_init, text)
     x_t = schedule.add_noise(x_g, noise, t)
-    (eps_fake,) = guided_eps(_unwrap(nets.fake), schedule, x_t, t, text, uncond, (cfg.kappa1,), forward=nets.fake)
+    (eps_fake,) = guided_eps(nets.fake, schedule, x_t, t, text, uncond, (cfg.kappa1,))
     per_sample = sid_fake_score_loss(eps_fake, noise)
     keep = finite_samples(per_sample[:, None])
     return per_sample[keep].sum(), int(keep.sum())
@@ -136,7 +136,7 @@ def generator_loss(cfg, nets: SidNetworks, text, uncond, z, noise, t) -> tuple[t
     """Sum over the finite samples of the generator's per-sample loss: the same x_t for the teacher (kappa4)
     and the fake network (kappa2, kappa3); gradients reach x_g through both, never their weights."""
     schedule, teacher = nets.teacher.schedule, nets.teacher
-    x_g = sid_one_step(_unwrap(nets.generator), schedule, z, cfg.t_init, text, forward=nets.generator)
+    x_g = sid_one_step(nets.generator, schedule, z, cfg.t_init, text)
     x_t = schedule.add_noise(x_g, noise, t)
     kappa2_3 = (cfg.kappa2,) if cfg.kappa2 == cfg.kappa3 else (cfg.kappa2, cfg.kappa3)
     y_fakes = guided_x0(_unwrap(nets.fake), schedule, x_t, t, text, uncond, kappa2_3)
