@@ -15,6 +15,18 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
+def require_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"unknown --{option} {value!r}; expected one of {choices}")
+
+
+def require_at_least_one(config, names: tuple[str, ...]) -> None:
+    """Each named integer option of `config` is 1 or more."""
+    for name in names:
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+
+
 @dataclass(kw_only=True)
 class ShardLoopConfig:
     """What every loop fed from shards takes: the data stream, the optimiser, precision, EMA, checkpoints, logs."""
@@ -49,14 +61,10 @@ class ShardLoopConfig:
     record_keys: bool = False  # audit: which records each rank trained on
 
     def __post_init__(self) -> None:
-        if self.lr_scheduler not in LR_SCHEDULES:
-            raise UserError(f"unknown --lr-scheduler {self.lr_scheduler!r}; expected one of {LR_SCHEDULES}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise UserError(f"unknown --mixed-precision {self.mixed_precision!r}; expected one of {MIXED_PRECISION}")
-        for name in ("batch_size", "gradient_accumulation_steps", "checkpoint_every", "checkpoints_total_limit",
-                     "max_nonfinite_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        require_choice("lr-scheduler", self.lr_scheduler, LR_SCHEDULES)
+        require_choice("mixed-precision", self.mixed_precision, MIXED_PRECISION)
+        require_at_least_one(self, ("batch_size", "gradient_accumulation_steps", "checkpoint_every",
+                                    "checkpoints_total_limit", "max_nonfinite_steps", "log_every"))
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
 
@@ -97,8 +105,7 @@ class FitConfig(ShardLoopConfig):
             self.guidance_scale = DEFAULT_GUIDANCE_SCALE[self.method]
         if self.method == "w-distill" and not self.w_min <= self.w_max:
             raise UserError(f"--w-min {self.w_min} is above --w-max {self.w_max}")
-        if self.max_steps < 1:
-            raise UserError("--max-steps must be at least 1")
+        require_at_least_one(self, ("max_steps",))
 
     @property
     def shard_kind(self) -> str:
@@ -129,8 +136,7 @@ class ProgressiveConfig(ShardLoopConfig):
         if self.method != "progressive":
             raise UserError(f"ProgressiveConfig is for --method progressive, not {self.method!r}")
         super().__post_init__()
-        if self.iters_per_round < 1:
-            raise UserError("--iters-per-round must be at least 1")
+        require_at_least_one(self, ("iters_per_round",))
         ratio = self.start_steps / max(self.end_steps, 1)
         if self.end_steps < 1 or ratio < 2 or ratio != 2 ** round(math.log2(ratio)):
             raise UserError(f"--start-steps {self.start_steps} must be --end-steps {self.end_steps} times a power "

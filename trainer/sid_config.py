@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from diffusion.errors import UserError
-from trainer.config import MIXED_PRECISION
+from trainer.config import MIXED_PRECISION, require_at_least_one, require_choice
 
 
 @dataclass
@@ -67,8 +67,7 @@ class SidConfig:
             self.lr_fake = self.lr
         if self.adam_epsilon is None:
             self.adam_epsilon = 1e-6 if self.mixed_precision == "fp16" else 1e-8
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise UserError(f"unknown --mixed-precision {self.mixed_precision!r}; expected one of {MIXED_PRECISION}")
+        require_choice("mixed-precision", self.mixed_precision, MIXED_PRECISION)
         if self.teacher_precision is None:
             self.teacher_precision = {"no": "fp32"}.get(self.mixed_precision, self.mixed_precision)
         if not 0 < self.t_min <= self.t_max:
@@ -77,10 +76,8 @@ class SidConfig:
             raise UserError(f"--t-init must be positive, got {self.t_init}")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise UserError(f"--prompt-dropout must be in [0, 1), got {self.prompt_dropout}")
-        for name in ("batch_size", "gradient_accumulation_steps", "checkpoints_total_limit", "log_every",
-                     "max_nonfinite_steps", "grid_prompts"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        require_at_least_one(self, ("batch_size", "gradient_accumulation_steps", "checkpoints_total_limit",
+                                    "log_every", "max_nonfinite_steps", "grid_prompts"))
         for name in ("max_kimg", "checkpoint_every_kimg"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
