@@ -171,11 +171,12 @@ def run_progressive(cfg: ProgressiveConfig) -> dict[str, Any]:
             previous = round_folder(Path(cfg.out), steps)
             folders.append(previous)
             continue
-        teacher_unet.load_state_dict(load_unet(previous).state_dict())
+        weights = load_unet(previous).state_dict()  # float32, whatever dtype the frozen teacher runs in
+        teacher_unet.load_state_dict(weights)
         if state.step <= number * k:  # a fresh round: the student starts as its teacher, with fresh optimiser state
             state.step = number * k
             state.recent_losses.clear()
-            unwrapped.load_state_dict(teacher_unet.state_dict())
+            unwrapped.load_state_dict(weights)
             getattr(optimizer, "optimizer", optimizer).state.clear()
             lr_scheduler.load_state_dict(make_lr_scheduler(cfg, optimizer, k).state_dict())
             if ema is not None:
