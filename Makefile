@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test bench clean
+.PHONY: demo demo-wloss test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m demo --out $(DEMO_DIR)
+
+demo-wloss: $(STAMP)
+	$(BIN)/python -m demo --out $(DEMO_DIR) --compare-w-loss
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -39,18 +39,26 @@ def build_shards(root: Path, world, s: DemoSettings) -> None:
         _run("pipeline", pipeline_main, ["inspect", root / f"shards-{name}"])
 
 
+def _fit_student(root: Path, world, s: DemoSettings, name: str, method: list) -> None:
+    _run("trainer", trainer_main, [
+        "fit", *method, "--teacher", world.teacher, "--out", root / f"student-{name}", "--max-steps", s.fit_steps,
+        "--batch-size", s.fit_batch, "--lr", s.fit_lr, "--lr-warmup-steps", s.fit_steps // 10,
+        "--ema-decay", 0, "--checkpoint-every", s.fit_steps, "--resume", "latest", "--report-to", "none",
+    ])
+
+
+def _w_distill(root: Path, s: DemoSettings) -> list:
+    return ["--method", "w-distill", "--shards", root / "shards-cfg", "--w-min", s.w_min, "--w-max", s.w_max]
+
+
 def fit_students(root: Path, world, s: DemoSettings) -> None:
     students = {
         "cfg": ["--method", "cfg-distill", "--shards", root / "shards-cfg", "--guidance-scale", s.alpha],
         "blue": ["--method", "classifier-distill", "--shards", root / "shards-blue", "--guidance-scale", s.gamma],
-        "w": ["--method", "w-distill", "--shards", root / "shards-cfg", "--w-min", s.w_min, "--w-max", s.w_max],
+        "w": _w_distill(root, s),
     }
     for name, method in students.items():
-        _run("trainer", trainer_main, [
-            "fit", *method, "--teacher", world.teacher, "--out", root / f"student-{name}", "--max-steps", s.fit_steps,
-            "--batch-size", s.fit_batch, "--lr", s.fit_lr, "--lr-warmup-steps", s.fit_steps // 10,
-            "--ema-decay", 0, "--checkpoint-every", s.fit_steps, "--resume", "latest", "--report-to", "none",
-        ])
+        _fit_student(root, world, s, name, method)
 
 
 def fit_one_step(root: Path, world, s: DemoSettings) -> None:
@@ -66,19 +74,41 @@ def fit_one_step(root: Path, world, s: DemoSettings) -> None:
     ])
 
 
-def fit_few_step(root: Path, world, s: DemoSettings) -> None:
-    """Progressive distillation of the w-student, round after round down to one step; and, as the baseline, the
-    w-student itself on the same trailing DDIM grid (a copy whose scheduler is that grid)."""
+def _progressive(root: Path, s: DemoSettings, student: Path, out: Path) -> None:
     _run("trainer", trainer_main, [
-        "fit", "--method", "progressive", "--student", root / "student-w", "--shards", root / "shards-cfg",
-        "--out", root / "student-progressive", "--start-steps", s.progressive_start_steps, "--end-steps", 1,
+        "fit", "--method", "progressive", "--student", student, "--shards", root / "shards-cfg",
+        "--out", out, "--start-steps", s.progressive_start_steps, "--end-steps", 1,
         "--iters-per-round", s.progressive_iters, "--batch-size", s.fit_batch, "--lr", s.progressive_lr,
         "--ema-decay", 0, "--checkpoint-every", s.progressive_iters, "--resume", "latest", "--report-to", "none",
     ])
+
+
+def fit_few_step(root: Path, world, s: DemoSettings) -> None:
+    """Progressive distillation of the w-student, round after round down to one step; and, as the baseline, the
+    w-student itself on the same trailing DDIM grid (a copy whose scheduler is that grid)."""
+    _progressive(root, s, root / "student-w", root / "student-progressive")
     baseline = root / "student-w-trailing"
     shutil.rmtree(baseline, ignore_errors=True)
     shutil.copytree(root / "student-w", baseline, ignore=shutil.ignore_patterns("checkpoints", "logs"))
     use_grid_scheduler(baseline)
+
+
+def fit_w_loss_arm(root: Path, world, s: DemoSettings) -> None:
+    """--compare-w-loss: the same w-student and progressive rounds, trained on the earlier unweighted eps loss."""
+    _fit_student(root, world, s, "w-eps", [*_w_distill(root, s), "--w-loss", "eps"])
+    _progressive(root, s, root / "student-w-eps", root / "student-progressive-eps")
+
+
+def w_loss_models(root: Path, s: DemoSettings) -> dict[str, tuple[str, int]]:
+    """name -> (model argument, steps) of the w-loss comparison: both w-students at each scale, and the eps arm's
+    progressive rounds (the x0 arm's are the few-step table's)."""
+    models = {}
+    for loss, suffix in (("x0", ""), ("eps", "-eps")):
+        for w in s.w_loss_scales:
+            models[f"{loss}-w{w:g}"] = (f"{root / f'student-w{suffix}'}@cfg={w}", s.sample_steps)
+    for n in s.few_steps:
+        models[f"eps-progressive-{n}"] = (f"{round_folder(root / 'student-progressive-eps', n)}@cfg={s.alpha}", n)
+    return models
 
 
 def few_step_models(root: Path, s: DemoSettings) -> dict[str, tuple[str, int]]:
@@ -93,7 +123,7 @@ def few_step_models(root: Path, s: DemoSettings) -> dict[str, tuple[str, int]]:
     return models
 
 
-def evaluate(root: Path, world, s: DemoSettings) -> None:
+def evaluate(root: Path, world, s: DemoSettings, compare_w_loss: bool = False) -> None:
     """Renders afresh each run (the students may have changed); the reference features stay cached."""
     for folder in (root / "eval").glob("*"):
         if folder.is_dir() and folder.name != "cache":
@@ -112,6 +142,10 @@ def evaluate(root: Path, world, s: DemoSettings) -> None:
         _run("evaluation", evaluation_main, ["coco30k", "--model", model, "--metrics", "fid,clip",
                                              "--out", root / "eval" / "few-step" / name, *scoring,
                                              "--num-inference-steps", steps])
+    for name, (model, steps) in (w_loss_models(root, s) if compare_w_loss else {}).items():
+        _run("evaluation", evaluation_main, ["coco30k", "--model", model, "--metrics", "fid,clip",
+                                             "--out", root / "eval" / "w-loss" / name, *scoring,
+                                             "--num-inference-steps", steps])
     teacher = world.teacher
     _run("evaluation", evaluation_main, [
         "speed", "--model", f"{teacher}@cfg=1", "--model", f"{teacher}@cfg={s.alpha}",
@@ -125,7 +159,10 @@ def evaluate(root: Path, world, s: DemoSettings) -> None:
 @click.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--fast", is_flag=True, help="A few steps of everything: proves the chain, not the quality.")
-def main(out: str, fast: bool) -> None:
+@click.option("--compare-w-loss", is_flag=True,
+              help="Also train the w-student and its progressive rounds on the unweighted eps loss, and report "
+                   "both losses side by side (about 8 more minutes; `make demo-wloss`).")
+def main(out: str, fast: bool, compare_w_loss: bool) -> None:
     settings = FAST if fast else FULL
     root = Path(out)
     start = time.perf_counter()
@@ -134,8 +171,10 @@ def main(out: str, fast: bool) -> None:
     fit_students(root, world, settings)
     fit_one_step(root, world, settings)
     fit_few_step(root, world, settings)
-    evaluate(root, world, settings)
-    report = write_report(root, world, settings, time.perf_counter() - start)
+    if compare_w_loss:
+        fit_w_loss_arm(root, world, settings)
+    evaluate(root, world, settings, compare_w_loss)
+    report = write_report(root, world, settings, time.perf_counter() - start, compare_w_loss)
     click.echo(f"report: {report.resolve()}")
 
 

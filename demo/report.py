@@ -65,7 +65,7 @@ def few_step_section(root: Path, settings) -> list[str]:
         f"{record['rounds']} times ({settings.progressive_iters} iterations a round, batch "
         f"{record['global_batch_size']}), each round from the previous one. Every column samples on the same "
         "trailing DDIM grid (t = 999 first, the clean sample last); the stochastic sampler is Meng et al.'s "
-        f"(two steps forward, one back). *Distance* is the mean squared pixel difference (in [0, 1] units) to "
+        f"(N - 1 rounds of two steps forward, one back, then a last step: N passes). *Distance* is the mean squared pixel difference (in [0, 1] units) to "
         f"the w-student's own {start}-step images with the same prompts and seeds: what progressive distillation "
         "optimises. In this world digit-FID and digit-CLIP favour the smooth images of very few steps, so they "
         "rank samplers poorly here; the distance is the measure to read.", "",
@@ -76,7 +76,28 @@ def few_step_section(root: Path, settings) -> list[str]:
     ]
 
 
-def write_report(root: Path, world, settings, seconds: float) -> Path:
+def w_loss_section(root: Path, settings) -> list[str]:
+    """--compare-w-loss: the w-student and its progressive rounds on seed 001's x loss against the eps loss."""
+    folder, few = root / "eval" / "w-loss", root / "eval" / "few-step"
+    header = ["w-distill loss"] + [f"{name} at w = {w:g}" for w in settings.w_loss_scales
+                                   for name in ("digit-CLIP", "digit-FID")]
+    rows = [[label, *[v for w in settings.w_loss_scales for v in _clip_fid(folder / f"{loss}-w{w:g}")]]
+            for label, loss in (("x0, max(SNR, 1) (default)", "x0"), ("eps, unweighted", "eps"))]
+    progressive = [[n, *_clip_fid(few / f"progressive-{n}"), *_clip_fid(folder / f"eps-progressive-{n}")]
+                   for n in settings.few_steps]
+    return [
+        "## w-distill's loss: seed 001's x loss against the unweighted eps loss", "",
+        "Stage 1 as the seed writes it, max(SNR, 1) ||x_student - x_teacher^w||^2 (the weighting progressive "
+        "uses), against the earlier unweighted eps-MSE (the x loss weighted by SNR with no floor). Same data, "
+        f"steps, lr and seed; {settings.sample_steps} DDIM steps.", "",
+        *markdown_table(header, rows, ".4g"), "",
+        f"The progressive students built on each (w = {settings.alpha:g}, their own trailing grid):", "",
+        *markdown_table(["steps", "from the x0 w-student: digit-CLIP", "digit-FID",
+                         "from the eps w-student: digit-CLIP", "digit-FID"], progressive, ".4g"), "",
+    ]
+
+
+def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bool = False) -> Path:
     evals = root / "eval"
     info = _json(world.root / "world.json")
     sweep = list(csv.DictReader(open(evals / "sweep" / "sweep.csv")))
@@ -127,6 +148,7 @@ def write_report(root: Path, world, settings, seconds: float) -> Path:
         *[f"![{p.stem}](student-sid/samples/{p.name})" for p in sorted((root / "student-sid" / "samples").glob("*.png"))],
         "",
         *few_step_section(root, settings),
+        *(w_loss_section(root, settings) if compare_w_loss else []),
         "## The teacher across CFG scales, and the students", "", "![sweep](eval/sweep/sweep.png)", "",
         *markdown_table(["point", "digit-CLIP", "digit-FID"], [[r["label"], float(r["clip_score"]), float(r["fid"])] for r in sweep]),
         "",

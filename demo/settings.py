@@ -14,7 +14,7 @@ class DemoSettings:
     world: WorldRecipe = field(default_factory=WorldRecipe)
     shard_samples: int = 100000  # every train record
     alpha: float = 3.0  # the CFG scale distilled into student-cfg (and the CFG teacher it is compared with)
-    gamma: float = 1000.0  # blue-tone guidance strength (our blue loss is a mean over pixels: see docs/digits.md)
+    gamma: float = 250.0  # blue-tone guidance strength (Whitaker's loss is a mean over pixels: see docs/digits.md)
     w_min: float = 1.0
     w_max: float = 6.0
     fit_steps: int = 1000
@@ -30,6 +30,7 @@ class DemoSettings:
     progressive_lr: float = 5e-5  # the x0 loss of an eps-student at t = 999 weighs eps errors by (sigma/a)^2
     few_steps: tuple[int, ...] = (1, 2, 4, 8)  # the step counts compared in the report
     stochastic_steps: tuple[int, ...] = (4, 8)  # ... with Meng et al.'s stochastic sampler too
+    w_loss_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)  # --compare-w-loss: the w-students at these scales
     eval_images: int = 300
     sample_steps: int = 25
     sweep_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -46,5 +47,5 @@ class DemoSettings:
 FULL = DemoSettings()
 FAST = DemoSettings(world=FAST_WORLD, shard_samples=64, fit_steps=4, fit_batch=8, sid_kimg=0.016, sid_batch=8,
                     sid_ema_kimg=0.008, progressive_start_steps=4, progressive_iters=2, few_steps=(1, 2),
-                    stochastic_steps=(2,), eval_images=16, sample_steps=3,
+                    stochastic_steps=(2,), w_loss_scales=(1.0, 3.0), eval_images=16, sample_steps=3,
                     sweep_scales=(1.0, 3.0), speed_batch=2, speed_repeats=1)

@@ -1,9 +1,15 @@
 """Classifier guidance losses and the gradient the shard builder stores (feed-forward guidance distillation).
 
-A guidance loss takes decoded images in [0, 1] (B x 3 x H x W) and their captions and returns a per-sample
-loss to minimise (B,). `eps_and_grad` gives the teacher's conditional eps and d(loss)/d z_t, taken through
-the predicted x0 = (z_t - sigma_t eps) / a_t and the VAE decoder, so that eps + gamma sqrt(beta_t) grad steers
-toward lower loss.
+A guidance loss takes decoded images, nominally in [0, 1] (B x 3 x H x W), and their captions and returns a
+per-sample loss to minimise (B,). `eps_and_grad` gives the teacher's conditional eps and d(loss)/d z_t, taken
+through the predicted x0 = (z_t - sigma_t eps) / a_t and the VAE decoder, so that eps + gamma c_t grad
+(`diffusion.guidance`) steers toward lower loss.
+
+The gradient path has no clamp: the loss sees decode(x0_hat) / 2 + 0.5 as it is, a little outside [0, 1]
+where the decoder overshoots, as in Whitaker's notebook, and `grad` is the exact gradient of the loss computed
+(the seed's Algorithm 2: "backward prop. of the classifier loss" with respect to z_t). A clamp to [0, 1] would
+zero the gradient of every pixel outside it, the ones furthest from any target, and make the stored gradient
+that of another function than the one whose value a finite difference sees.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ from diffusion.files import sha256_file
 from diffusion.teacher import Teacher
 
 GuidanceLoss = Callable[[torch.Tensor, list[str]], torch.Tensor]
-BLUE = (0.1, 0.1, 0.9)
+BLUE_TARGET = 0.9  # the blue channel's target, images in [0, 1] (Whitaker 2022)
+GRADIENT_IMAGES = "decoded/2+0.5, unclamped"  # what the loss sees on the gradient path (dataset.json)
 
 
-def blue_tone_loss(images: torch.Tensor, captions: list[str] | None = None, target=BLUE) -> torch.Tensor:
-    """Per-sample mean absolute distance of the pixels to a blue colour (RGB in [0, 1])."""
-    colour = torch.tensor(target, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images - colour).abs().mean(dim=(1, 2, 3))
+def blue_tone_loss(images: torch.Tensor, captions: list[str] | None = None) -> torch.Tensor:
+    """Blue loss guidance (Whitaker 2022, the seed's 'blue' example): per sample, the mean over pixels of
+    |B - 0.9|, B the blue channel of images in [0, 1]. Red and green are free."""
+    return (images[:, 2] - BLUE_TARGET).abs().mean(dim=(1, 2))
 
 
 def load_open_clip(model: str, weights: str | Path | None, device: torch.device | str = "cpu"):
@@ -97,7 +104,7 @@ def resolve_guidance(name: str, *, clip_model: str = "ViT-g-14", clip_weights=No
     if name == "cfg":
         return GuidanceSpec("cfg", "cfg")
     if name == "blue":
-        return GuidanceSpec("blue", "classifier", blue_tone_loss, {"target_rgb": list(BLUE)})
+        return GuidanceSpec("blue", "classifier", blue_tone_loss, {"loss": "mean |B - 0.9|", "blue": BLUE_TARGET})
     if name == "clip":
         clip = ClipLoss(clip_model, clip_weights, device)
         return GuidanceSpec("clip", "classifier", clip, clip.params)
@@ -106,16 +113,22 @@ def resolve_guidance(name: str, *, clip_model: str = "ViT-g-14", clip_weights=No
     raise UserError(f"unknown guidance {name!r}: expected cfg, clip, blue or MODULE:FUNCTION")
 
 
+def decoded_images(teacher: Teacher, x0: torch.Tensor) -> torch.Tensor:
+    """What a guidance loss sees: decode(x0) / 2 + 0.5 in float32, not clamped (differentiable)."""
+    return teacher.decode(x0).float() / 2 + 0.5
+
+
 def eps_and_grad(
     teacher: Teacher, z_t: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor, captions: list[str],
     loss_fn: GuidanceLoss,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eps, d loss / d z_t) with the loss on decode(x0_hat(z_t)) as images in [0, 1]; per-sample independent."""
+    """(eps, d loss / d z_t) with the loss on decode(x0_hat(z_t)) / 2 + 0.5, unclamped (module docstring);
+    per-sample independent."""
     with torch.enable_grad():
         z_t = z_t.detach().float().requires_grad_(True)
         eps = teacher.eps(z_t, t, text_embeddings)
         x0 = teacher.schedule.eps_to_x0(z_t, eps, t)
-        images = (teacher.decode(x0).float() / 2 + 0.5).clamp(0, 1)
+        images = decoded_images(teacher, x0)
         loss = loss_fn(images, captions)
         if loss.shape != (z_t.shape[0],):
             raise UserError(f"guidance loss must return one value per sample, shape ({z_t.shape[0]},); got {tuple(loss.shape)}")

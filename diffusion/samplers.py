@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffusion.classifier_guidance import GuidanceLoss, eps_and_grad
-from diffusion.guidance import classifier_guided_eps
+from diffusion.guidance import DEFAULT_COEFFICIENT, classifier_guided_eps, guidance_coefficient
 from diffusion.schedule import NoiseSchedule
 from diffusion.teacher import Teacher
 from diffusion.unet import unet_eps
@@ -30,17 +30,20 @@ def ddim_scheduler(scheduler_config: dict, steps: int) -> DDIMScheduler:
 
 
 def classifier_guided_ddim(
-    teacher: Teacher, loss_fn: GuidanceLoss, gamma: float, prompts: list[str], noise: torch.Tensor, steps: int
+    teacher: Teacher, loss_fn: GuidanceLoss, gamma: float, prompts: list[str], noise: torch.Tensor, steps: int,
+    coefficient: str = DEFAULT_COEFFICIENT,
 ) -> torch.Tensor:
-    """Classifier guidance (Dhariwal & Nichol 2021) at every DDIM step: eps + gamma sqrt(beta_t) grad, with grad
-    the gradient of the loss on the decoded x0-hat. One UNet pass, a VAE decode and a backward per step."""
+    """Classifier guidance (Dhariwal & Nichol 2021) at every DDIM step: eps + gamma c_t grad, with grad the
+    gradient of the loss on the decoded x0-hat and c_t = sqrt(beta_t) (`coefficient` "sqrt-beta", the seed's
+    Eq. 4) or sigma_t ("sigma"). One UNet pass, a VAE decode and a backward per step."""
     scheduler = ddim_scheduler(teacher.scheduler_config, steps)
     text = teacher.encode_text(prompts)
     z = noise.to(teacher.device, torch.float32) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         t_batch = t.repeat(z.shape[0]).to(teacher.device)
         eps, grad = eps_and_grad(teacher, z, t_batch, text, prompts, loss_fn)
-        guided = classifier_guided_eps(eps, grad, teacher.schedule.beta(t_batch, eps), gamma)
+        c_t = guidance_coefficient(teacher.schedule, t_batch, eps, coefficient)
+        guided = classifier_guided_eps(eps, grad, c_t, gamma)
         z = scheduler.step(guided, t, z).prev_sample
     return z
 
@@ -110,20 +113,21 @@ def grid_ddim(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: torch.Te
 def grid_stochastic(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: torch.Tensor, steps: int,
                     generators: list[torch.Generator], guidance_scale: torch.Tensor | None = None,
                     trace=None) -> torch.Tensor:
-    """Meng et al.'s N-step stochastic sampler ("two steps forward, one step back"): from grid point t_i, one
-    deterministic DDIM step to t_{i+2} (a step of 2/N), then fresh noise back up to t_{i+1} (a step of 1/N); the
-    step that reaches the end lands on the clean sample. The fresh noise of sample k comes from generators[k]
-    (CPU), so an image does not depend on its batch. `trace(t, z)` sees z at every grid point it reaches."""
+    """Meng et al.'s N-step stochastic sampler (On Distillation of Guided Diffusion Models, CVPR 2023,
+    arXiv:2210.03142, its section on N-step deterministic and stochastic sampling): N - 1 rounds of one deterministic DDIM step of length 2/N
+    (t_i to t_{i+2}, the clean end for the last round) followed by fresh noise back up by 1/N (to t_{i+1}), then
+    one final deterministic 1/N step from t_{N-1} to the clean sample: N UNet passes, as many as the
+    deterministic sampler. The fresh noise of sample k comes from generators[k] (CPU), so an image does not
+    depend on its batch. `trace(t, z)` sees z at every grid point a UNet pass starts from."""
     grid = step_grid(steps, schedule.num_timesteps) + [CLEAN]
-    z, i = noise.float(), 0
-    while True:
-        t, target = grid[i], grid[min(i + 2, steps)]
+    z = noise.float()
+    for i in range(steps):
+        t, target = grid[i], grid[min(i + 2, steps)] if i < steps - 1 else CLEAN
         if trace is not None:
             trace(t, z)
         eps = _grid_eps(unet, schedule, z, t, text, guidance_scale)
         z = ddim_step(z, eps, *_coefficients(schedule, t, z), *_coefficients(schedule, target, z))
-        if target == CLEAN:
-            return z
-        fresh = torch.stack([torch.randn(z.shape[1:], generator=g) for g in generators]).to(z.device)
-        z = forward_noise(z, *_coefficients(schedule, target, z), *_coefficients(schedule, grid[i + 1], z), fresh)
-        i += 1
+        if i < steps - 1:  # noise back up by 1/N, to t_{i+1}
+            fresh = torch.stack([torch.randn(z.shape[1:], generator=g) for g in generators]).to(z.device)
+            z = forward_noise(z, *_coefficients(schedule, target, z), *_coefficients(schedule, grid[i + 1], z), fresh)
+    return z

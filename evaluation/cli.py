@@ -19,9 +19,10 @@ def model_options(function):
     """Which model to render, and with what guidance."""
     for decorator in reversed([
         option("model", "StableDiffusionPipeline folder: a teacher or any student `trainer fit` wrote (or "
-               "PATH@cfg=S, PATH@blue=GAMMA).", required=True),
+               "PATH@cfg=S, PATH@blue=GAMMA; a final @sigma scales classifier guidance by sigma_t instead of "
+               "sqrt(beta_t)).", required=True),
         option("guidance_scale", "CFG scale for a teacher [7.5], w for a w- or progressive student, gamma with "
-               "--classifier-guidance.", type=float),
+               "--classifier-guidance (eps + gamma sqrt(beta_t) grad).", type=float),
         option("classifier_guidance", "Teacher only: clip, blue or MODULE:FUNCTION guidance instead of CFG."),
         option("sampler", "Progressive students: deterministic DDIM on their grid, or Meng et al.'s stochastic "
                "sampler.", type=click.Choice(["ddim", "stochastic"])),
@@ -49,9 +50,15 @@ def render_options(function):
 def metric_options(function):
     for decorator in reversed([
         option("coco", "COCO-2014 folder: annotations/captions_val2014.json + val2014/.", type=click.Path(file_okay=False)),
-        option("prompts", "Prompt file (one per line, or JSON) instead of COCO captions.", type=click.Path(dir_okay=False)),
-        option("num_images", "How many prompts (COCO: drawn with a fixed seed; file: the first N).", type=int),
+        option("prompts", "A fixed prompt list instead of the seeded COCO draw (GigaGAN's captions.txt): .txt, one "
+               "caption per line, or .csv/.tsv/.parquet/.json with a caption (and image_id) column.",
+               type=click.Path(dir_okay=False)),
+        option("prompt_column", "The caption column of a .csv/.tsv/.parquet/.json prompt list."),
+        option("num_images", "How many prompts [COCO: 30000 drawn with seed 2014; a prompt file: the first N, "
+               "default all of it].", type=int),
         option("inception_weights", "TorchScript inception-2015-12-05.pt (FID).", type=click.Path(dir_okay=False)),
+        option("pr_features", "Precision/recall features: vgg16 (fc2, Kynkaanniemi et al.) or inception (the FID "
+               "pool3 features, as SiD-LSG's metrics).", type=click.Choice(["vgg16", "inception"])),
         option("vgg_weights", "VGG16 for precision/recall: NVlabs vgg16.pt or torchvision vgg16-397923af.pth.",
                type=click.Path(dir_okay=False)),
         option("cache_dir", "Where reference statistics are cached.", type=click.Path(file_okay=False)),
@@ -76,20 +83,22 @@ def cli() -> None:
         type=click.Path(file_okay=False))
 @render_options
 @option("coco", "COCO-2014 folder whose captions to render.", type=click.Path(file_okay=False))
-@option("prompts", "Prompt file (one per line, or JSON).", type=click.Path(dir_okay=False))
-@option("num_images", "How many prompts.", type=int)
+@option("prompts", "Prompt file: .txt, one per line, or .csv/.tsv/.parquet/.json with a caption column.",
+        type=click.Path(dir_okay=False))
+@option("prompt_column", "The caption column of a table or JSON records prompt file.")
+@option("num_images", "How many prompts [COCO: 30000; a prompt file: all of it].", type=int)
 def render(**options) -> None:
     """Render prompts to PNG with any model; split across ranks under torchrun/accelerate; resumable."""
     import torch
     from accelerate import PartialState
 
-    from evaluation.coco30k import evaluate_spec, load_prompt_list, model_spec
+    from evaluation.coco30k import evaluate_spec, model_spec, prompt_selection
 
     cfg = EvalConfig(**options, metrics="")
     spec = model_spec(cfg)
-    prompts, source = load_prompt_list(cfg)
+    selection = prompt_selection(cfg)
     state = PartialState(cpu=not torch.cuda.is_available())
-    evaluate_spec(spec, prompts, source, Path(cfg.out), cfg, {}, state)
+    evaluate_spec(spec, selection.prompts, selection.source, Path(cfg.out), cfg, {}, state, selection.image_ids)
 
 
 @cli.command("generate")
@@ -158,7 +167,8 @@ def sweep(teacher: str, scales: str, models: tuple[str, ...], **options) -> None
 @cli.command("speed")
 @click.option("--model", "models", multiple=True, required=True,
               help="PATH, PATH@cfg=S (teacher CFG or student w) or PATH@clip=GAMMA / @blue= (repeatable); a final "
-                   "@stochastic samples a progressive student stochastically.")
+                   "@stochastic samples a progressive student stochastically; a final @sigma scales classifier "
+                   "guidance by sigma_t instead of sqrt(beta_t).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="speed.json, speed.md, speed.png.")
 @click.option("--batch-size", default=1, show_default=True)
 @click.option("--num-inference-steps", default=10, show_default=True)

@@ -44,29 +44,36 @@ def read_captions(coco: Path) -> list[dict]:
                   key=lambda a: a["id"])
 
 
-def choose_prompts(coco: Path, num: int, seed: int = 2014) -> list[str]:
+def choose_annotations(coco: Path, num: int, seed: int = 2014) -> list[dict]:
+    """`num` annotations ({id, image_id, caption}) drawn without replacement with `seed` from all, sorted by id."""
     annotations = read_captions(coco)
     if num > len(annotations):
         raise UserError(f"--num-images {num} is more than the {len(annotations)} captions in {coco / CAPTIONS}")
-    return [a["caption"] for a in random.Random(seed).sample(annotations, num)]
+    return random.Random(seed).sample(annotations, num)
+
+
+def choose_prompts(coco: Path, num: int, seed: int = 2014) -> list[str]:
+    return [a["caption"] for a in choose_annotations(coco, num, seed)]
 
 
 def read_prompt_file(path: Path) -> list[str]:
-    """One prompt per line (empty lines dropped), or a JSON list, or {"prompts": [...]} as written here."""
-    text = Path(path).read_text(encoding="utf-8")
-    if Path(path).suffix == ".json":
-        data = json.loads(text)
-        return list(data["prompts"] if isinstance(data, dict) else data)
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    """Every caption of a prompt file, in order (the formats are in evaluation/prompt_list.py)."""
+    from evaluation.prompt_list import read_prompt_list
+
+    return read_prompt_list(path).prompts
 
 
 def prompts_sha256(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
 
 
-def write_prompts(path: Path, prompts: list[str], source: str) -> str:
+def write_prompts(path: Path, prompts: list[str], source: str, image_ids: list[int] | None = None) -> str:
+    """prompts.json: the source, the sha256 of the prompts, the prompts, and their COCO image ids where known."""
     digest = prompts_sha256(prompts)
-    Path(path).write_text(json.dumps({"source": source, "sha256": digest, "prompts": prompts}, ensure_ascii=False))
+    record = {"source": source, "sha256": digest, "prompts": prompts}
+    if image_ids is not None:
+        record["image_ids"] = image_ids
+    Path(path).write_text(json.dumps(record, ensure_ascii=False))
     return digest
 
 

@@ -16,16 +16,16 @@ import torch
 from accelerate import PartialState
 
 from diffusion.errors import UserError
-from evaluation.coco import (
-    choose_prompts, prepare_256, prompts_sha256, read_prompt_file, reference_images, write_prompts,
-)
+from evaluation.coco import prepare_256, prompts_sha256, reference_images, write_prompts
 from evaluation.metrics import blue_fraction, feature_statistics, frechet_distance, precision_recall
 from evaluation.models import describe_model, parse_model_arg
+from evaluation.prompt_list import PromptSelection, select_prompts
 from evaluation.reference import reference_features, reference_statistics, reference_subset
 from evaluation.render import Renderer, load_images, render_prompts
 from evaluation.report import write_report
 
 METRICS = ("fid", "clip", "pr", "blue")
+PR_FEATURES = ("vgg16", "inception")
 DEFAULT_CACHE = Path.home() / ".cache" / "guided-distill" / "reference"
 
 
@@ -35,13 +35,15 @@ class EvalConfig:
     out: str
     coco: str | None = None
     prompts: str | None = None
-    num_images: int = 30000
+    prompt_column: str = "caption"  # the caption column of a .csv/.tsv/.parquet/.json prompt list
+    num_images: int | None = None  # COCO: 30000 drawn with seed 2014; a prompt file: all of it
     metrics: str = "fid,clip,pr"
     evaluator: str = "standard"
     inception_weights: str | None = None
     clip_model: str = "ViT-g-14"
     clip_weights: str | None = None
     vgg_weights: str | None = None
+    pr_features: str = "vgg16"  # vgg16 (Kynkaanniemi et al.'s fc2) or inception (the FID pool3, as SiD-LSG)
     digits_classifier: str | None = None
     guidance_scale: float | None = None
     classifier_guidance: str | None = None
@@ -62,13 +64,14 @@ class EvalConfig:
         return chosen
 
 
+def prompt_selection(cfg: EvalConfig) -> PromptSelection:
+    """--prompts FILE, or --num-images COCO-2014 captions drawn with seed 2014 (evaluation/prompt_list.py)."""
+    return select_prompts(cfg.coco, cfg.prompts, cfg.num_images, cfg.prompt_column)
+
+
 def load_prompt_list(cfg: EvalConfig) -> tuple[list[str], str]:
-    if cfg.prompts:
-        prompts = read_prompt_file(Path(cfg.prompts))[: cfg.num_images]
-        return prompts, str(cfg.prompts)
-    if not cfg.coco:
-        raise UserError("pass --coco DIR (COCO-2014 captions) or --prompts FILE")
-    return choose_prompts(Path(cfg.coco), cfg.num_images), f"{cfg.coco}/annotations/captions_val2014.json"
+    selection = prompt_selection(cfg)
+    return selection.prompts, selection.source
 
 
 def build_evaluators(cfg: EvalConfig, metrics: list[str], device) -> dict[str, Any]:
@@ -78,58 +81,81 @@ def build_evaluators(cfg: EvalConfig, metrics: list[str], device) -> dict[str, A
     if cfg.evaluator == "digits":  # the digits world: one small classifier stands in for all three
         from digits.classifier import DigitFeatures, DigitScorer
 
-        chosen = {"fid": DigitFeatures, "clip": DigitScorer, "pr": DigitFeatures}
-        return {m: chosen[m](cfg.digits_classifier) for m in metrics if m in chosen}
+        evaluators = {m: c(cfg.digits_classifier) for m, c in (("fid", DigitFeatures), ("clip", DigitScorer))
+                      if m in metrics}
+        if "pr" in metrics:  # the same features as digit-FID, from one instance (see `score`)
+            evaluators["pr"] = evaluators.get("fid") or DigitFeatures(cfg.digits_classifier)
+        return evaluators
     if cfg.evaluator != "standard":
         raise UserError(f"unknown --evaluator {cfg.evaluator!r}; expected standard or digits")
+    if cfg.pr_features not in PR_FEATURES:
+        raise UserError(f"unknown --pr-features {cfg.pr_features!r}; expected {' or '.join(PR_FEATURES)}")
     evaluators = {}
     if "fid" in metrics:
         evaluators["fid"] = InceptionFeatures(cfg.inception_weights, device)
     if "clip" in metrics:
         evaluators["clip"] = ClipScorer(cfg.clip_model, cfg.clip_weights, device)
-    if "pr" in metrics:
+    if "pr" in metrics and cfg.pr_features == "inception":  # FID's own extractor, so its features serve both
+        evaluators["pr"] = evaluators.get("fid") or InceptionFeatures(cfg.inception_weights, device)
+    elif "pr" in metrics:
         evaluators["pr"] = VGG16Features(cfg.vgg_weights, device)
     return evaluators
 
 
 def score(images: list[np.ndarray], prompts: list[str], evaluators: dict, coco: Path | None, cache: Path,
           metrics: list[str] = ()) -> dict:
-    """Every chosen metric on prepared (256 px) generated images."""
+    """Every chosen metric on prepared (256 px) generated images. An extractor that serves two metrics (PR on
+    the FID features) sees the generated images once."""
     result: dict[str, Any] = {}
     if "blue" in metrics:
         result["blue_fraction"] = blue_fraction(images)
     refs = reference_images(coco) if coco else []
+    extracted: dict[int, np.ndarray] = {}
+
+    def fake_features(extractor) -> np.ndarray:
+        if id(extractor) not in extracted:
+            extracted[id(extractor)] = extractor.features(images)
+        return extracted[id(extractor)]
+
     if "fid" in evaluators:
-        fake = evaluators["fid"].features(images)
+        fake = fake_features(evaluators["fid"])
         result["fid"] = frechet_distance(*reference_statistics(evaluators["fid"], refs, cache), *feature_statistics(fake))
     if "clip" in evaluators:
         result["clip_score"] = float(np.mean(evaluators["clip"].scores(images, prompts)))
     if "pr" in evaluators:
         real = reference_features(evaluators["pr"], reference_subset(refs, len(images)), cache)
-        fake = evaluators["pr"].features(images)
+        fake = fake_features(evaluators["pr"])
         count = min(len(real), len(fake))
         result["precision"], result["recall"] = precision_recall(real[:count], fake[:count], k=3)
     return result
 
 
-def protocol(cfg: EvalConfig, prompts: list[str], source: str, evaluators: dict) -> dict:
+REFERENCES = ("COCO-2014 val2014: every image for FID (as GigaGAN's clean-fid evaluation); for PR as many as "
+              "generated, drawn with seed 0 (never chosen by a prompt list's image ids)")
+
+
+def protocol(cfg: EvalConfig, selection: PromptSelection, evaluators: dict) -> dict:
+    """What the numbers depend on, for metrics.json: prompts (and the list file's sha256), sizes, extractors."""
+    prompts = selection.prompts
     return {
-        "num_images": len(prompts), "prompt_source": source, "prompts_sha256": prompts_sha256(prompts),
+        "num_images": len(prompts), "prompt_source": selection.source, "prompts_sha256": prompts_sha256(prompts),
+        "prompt_list": selection.info, "reference_images": REFERENCES if cfg.coco else None,
         "eval_size": 256, "resize": "centre crop + PIL LANCZOS", "fid_mode": "clean (clean-fid)",
         "num_inference_steps": cfg.num_inference_steps, "seed": cfg.seed,
         "dtype": cfg.dtype, "evaluator": cfg.evaluator, "clip_text_prefix": "A photo depicts ", "pr_k": 3,
+        "pr_features": ("digits" if cfg.evaluator == "digits" else cfg.pr_features) if "pr" in evaluators else None,
         "weights_sha256": {name: e.checksum for name, e in evaluators.items()},
     }
 
 
 def evaluate_spec(spec, prompts: list[str], source: str, out: Path, cfg: EvalConfig, evaluators: dict,
-                  state: PartialState) -> dict | None:
+                  state: PartialState, image_ids: list[int] | None = None) -> dict | None:
     """Render one model's images into OUT/images (all ranks), then score them (rank 0; None elsewhere)."""
     renderer = Renderer(spec, cfg.num_inference_steps, cfg.dtype, state.device, cfg.clip_model, cfg.clip_weights,
                         resolution=cfg.resolution)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_prompts(out / "prompts.json", prompts, source)
+        write_prompts(out / "prompts.json", prompts, source, image_ids)
     timing = render_prompts(renderer, prompts, out, cfg.seed, cfg.batch_size)
     resolution = renderer.resolution
     del renderer
@@ -156,14 +182,15 @@ def run_coco30k(cfg: EvalConfig) -> dict | None:
     """Render, then (rank 0) score and report. Returns metrics.json's content on rank 0."""
     metrics = cfg.metric_list()
     spec = model_spec(cfg)
-    prompts, source = load_prompt_list(cfg)
+    selection = prompt_selection(cfg)
+    prompts = selection.prompts
     out = Path(cfg.out)
     state = PartialState(cpu=not torch.cuda.is_available())
     evaluators = build_evaluators(cfg, metrics, state.device) if state.is_main_process else {}  # fail early
-    record = evaluate_spec(spec, prompts, source, out, cfg, evaluators, state)
+    record = evaluate_spec(spec, prompts, selection.source, out, cfg, evaluators, state, selection.image_ids)
     if record is None:
         return None
-    record["protocol"] = {**protocol(cfg, prompts, source, evaluators), "resolution": record["resolution"],
+    record["protocol"] = {**protocol(cfg, selection, evaluators), "resolution": record["resolution"],
                           "num_inference_steps": record["num_inference_steps"]}
     record["config"] = asdict(cfg)
     (out / "metrics.json").write_text(json.dumps(record, indent=2))

@@ -3,7 +3,7 @@
 | model folder | how it is sampled | UNet passes per step |
 |---|---|---|
 | teacher, `--guidance-scale s` | StableDiffusionPipeline with CFG at s (s = 1: no guidance) | 2 (one batch of 2B), 1 at s = 1 |
-| teacher, `--classifier-guidance clip|blue|M:F` | DDIM with eps + gamma sqrt(beta_t) grad (gamma = --guidance-scale) | 1 + decode + backward |
+| teacher, `--classifier-guidance clip|blue|M:F` | DDIM with eps + gamma c_t grad (gamma = --guidance-scale; c_t = sqrt(beta_t), or sigma_t with `PATH@NAME=GAMMA@sigma`) | 1 + decode + backward |
 | cfg-distill / classifier-distill student | StableDiffusionPipeline at guidance_scale 1 | 1 |
 | w-distill student, `--guidance-scale w` | StableDiffusionPipeline at guidance_scale w (fed as timestep_cond) | 1 |
 | sid-lsg one-step generator | x_g = f(sqrt(1 - alphabar[t_init]) z, t_init, c), VAE decode in float32 | 1 per image |
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from diffusion.errors import UserError
+from diffusion.guidance import COEFFICIENTS, DEFAULT_COEFFICIENT
 from diffusion.teacher import DTYPES, quiet_library_progress, resolve_teacher_dir
 from trainer.export import read_distillation
 
@@ -35,6 +36,7 @@ class ModelSpec:
     t_init: int | None = None  # one-step generators
     steps: int | None = None  # few-step students: they sample on their own grid, in this many steps
     sampler: str = "ddim"  # few-step students: "ddim" (deterministic) or "stochastic" (Meng et al.)
+    coefficient: str = DEFAULT_COEFFICIENT  # classifier-guided teacher: c_t in eps + gamma c_t grad
 
     @property
     def one_step(self) -> bool:
@@ -45,7 +47,8 @@ class ModelSpec:
         if self.kind == "teacher":
             return f"teacher cfg {self.guidance_scale:g}" if self.guidance_scale != 1 else "teacher no guidance"
         if self.kind == "teacher-classifier":
-            return f"teacher {self.classifier_guidance} guidance {self.guidance_scale:g}"
+            convention = "" if self.coefficient == DEFAULT_COEFFICIENT else f" ({self.coefficient})"
+            return f"teacher {self.classifier_guidance} guidance {self.guidance_scale:g}{convention}"
         if self.kind == "w-distill":
             return f"{self.folder.name} (w-distill, w {self.guidance_scale:g})"
         if self.kind == "progressive":
@@ -56,20 +59,26 @@ class ModelSpec:
     def to_dict(self) -> dict:
         return {"folder": str(self.folder), "kind": self.kind, "guidance_scale": self.guidance_scale,
                 "classifier_guidance": self.classifier_guidance, "t_init": self.t_init, "steps": self.steps,
-                "sampler": self.sampler, "label": self.label}
+                "sampler": self.sampler, "coefficient": self.coefficient, "label": self.label}
 
 
 def describe_model(model: str, guidance_scale: float | None = None, classifier_guidance: str | None = None,
-                   sampler: str = "ddim") -> ModelSpec:
-    """Read the model kind from distillation.json (absent: the teacher) and check the scale makes sense for it."""
+                   sampler: str = "ddim", coefficient: str | None = None) -> ModelSpec:
+    """Read the model kind from distillation.json (absent: the teacher) and check the scale makes sense for it.
+    `coefficient` (c_t of classifier guidance: sqrt-beta or sigma) applies to a classifier-guided teacher only."""
     folder = resolve_teacher_dir(model)
     if not (folder / "model_index.json").is_file():
         raise UserError(f"{folder} is not a StableDiffusionPipeline folder (no model_index.json)")
     record = read_distillation(folder)
+    if coefficient is not None and not (record is None and classifier_guidance):
+        raise UserError(f"guidance coefficient {coefficient!r} applies to a teacher with classifier guidance "
+                        "(PATH@NAME=GAMMA@sigma)")
+    if coefficient is not None and coefficient not in COEFFICIENTS:
+        raise UserError(f"unknown guidance coefficient {coefficient!r}; expected one of {COEFFICIENTS}")
     if record is None:
         if classifier_guidance:
             return ModelSpec(folder, "teacher-classifier", 100.0 if guidance_scale is None else guidance_scale,
-                             classifier_guidance)
+                             classifier_guidance, coefficient=coefficient or DEFAULT_COEFFICIENT)
         return ModelSpec(folder, "teacher", DEFAULT_TEACHER_SCALE if guidance_scale is None else guidance_scale)
     method = record["method"]
     if classifier_guidance:
@@ -116,18 +125,25 @@ def load_pipeline(spec: ModelSpec, dtype: str, device: torch.device):
 def parse_model_arg(text: str) -> ModelSpec:
     """`PATH`, or `PATH@cfg=S` (CFG scale, or w for a w- or progressive student), or `PATH@NAME=GAMMA` for
     classifier guidance of a teacher (NAME: clip, blue or MODULE:FUNCTION); `@stochastic` at the end samples a
-    progressive student with Meng et al.'s stochastic sampler."""
-    sampler = "ddim"
-    if text.endswith("@stochastic"):
-        text, sampler = text[: -len("@stochastic")], "stochastic"
+    progressive student with Meng et al.'s stochastic sampler, and `@sigma` (or `@sqrt-beta`, the default) at the
+    end picks classifier guidance's c_t in eps + gamma c_t grad."""
+    sampler, coefficient = "ddim", None
+    head, _, tail = text.rpartition("@")
+    while head and tail in ("stochastic", *COEFFICIENTS):
+        if tail == "stochastic":
+            sampler = "stochastic"
+        else:
+            coefficient = tail
+        text = head
+        head, _, tail = text.rpartition("@")
     path, _, option = text.partition("@")
     if not option:
-        return describe_model(path, sampler=sampler)
+        return describe_model(path, sampler=sampler, coefficient=coefficient)
     name, _, value = option.rpartition("=")
     try:
         scale = float(value)
     except ValueError:
         raise UserError(f"model {text!r}: expected PATH@cfg=SCALE or PATH@clip=GAMMA, got {option!r}") from None
     if name in ("cfg", "w"):
-        return describe_model(path, scale, sampler=sampler)
-    return describe_model(path, scale, classifier_guidance=name)
+        return describe_model(path, scale, sampler=sampler, coefficient=coefficient)
+    return describe_model(path, scale, classifier_guidance=name, coefficient=coefficient)

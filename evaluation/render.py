@@ -79,7 +79,7 @@ class Renderer:
             from diffusion.samplers import classifier_guided_ddim
 
             return classifier_guided_ddim(self.teacher, self.loss, self.spec.guidance_scale, prompts, noise,
-                                          self.steps)
+                                          self.steps, self.spec.coefficient)
         with torch.no_grad():
             return self.pipe(prompts, num_inference_steps=self.steps, guidance_scale=self.spec.guidance_scale,
                              height=self.resolution, width=self.resolution, output_type="latent",

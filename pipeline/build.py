@@ -16,8 +16,9 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from diffusion.classifier_guidance import resolve_guidance
+from diffusion.classifier_guidance import GRADIENT_IMAGES, resolve_guidance
 from diffusion.errors import UserError
+from diffusion.guidance import COEFFICIENTS, DEFAULT_COEFFICIENT
 from diffusion.launch import check_world_size
 from diffusion.teacher import load_teacher
 from pipeline.images import Skip, prepare
@@ -35,6 +36,7 @@ class BuildConfig:
     source: str
     out: str
     guidance: str = "cfg"
+    guidance_coefficient: str | None = None  # classifier kinds: recorded for fit [sqrt-beta]; no effect on records
     resolution: int = 512
     batch_size: int = 8
     samples: int | None = None
@@ -60,6 +62,11 @@ class BuildConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
         if self.samples is not None and self.samples < 1:
             raise UserError("--samples must be positive")
+        if self.guidance_coefficient is not None:
+            if self.guidance == "cfg":
+                raise UserError("--guidance-coefficient does not apply to --guidance cfg (no classifier gradient)")
+            if (value := self.guidance_coefficient) not in COEFFICIENTS:
+                raise UserError(f"unknown --guidance-coefficient {value!r}; expected one of {COEFFICIENTS}")
 
     @property
     def min_size(self) -> int:
@@ -114,16 +121,29 @@ def build_unit(unit, cfg, teacher, guidance, uncond, out: OutputFolder, progress
 
 
 def _identity(cfg: BuildConfig, fingerprint: str, guidance, units) -> dict[str, Any]:
-    """Everything that determines the records (not the batch size, nor paths whose content is hashed)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "teacher", "clip_model", "clip_weights")}
-    return {**settings, "schema_version": SCHEMA_VERSION, "teacher_fingerprint": fingerprint,
+    """Everything that determines the records (not the batch size, nor paths whose content is hashed, nor the
+    coefficient fit is told to use); for classifier kinds, the images the loss saw (no clamp since it was
+    recorded: a folder built with the clamp is not resumed)."""
+    ignored = ("out", "batch_size", "teacher", "clip_model", "clip_weights", "guidance_coefficient")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
+    images = {"gradient_images": GRADIENT_IMAGES} if guidance.kind == "classifier" else {}
+    return {**settings, **images, "schema_version": SCHEMA_VERSION, "teacher_fingerprint": fingerprint,
             "guidance_params": guidance.params, "units": [[u.name, u.limit] for u in units]}
+
+
+def _guidance_info(cfg: BuildConfig, guidance) -> dict[str, Any]:
+    """dataset.json's `guidance`; classifier kinds add the coefficient c_t fit uses by default (eps + gamma c_t
+    grad) and the images the loss saw on the gradient path."""
+    info = {"name": guidance.name, "params": guidance.params}
+    if guidance.kind == "classifier":
+        info.update(coefficient=cfg.guidance_coefficient or DEFAULT_COEFFICIENT, images=GRADIENT_IMAGES)
+    return info
 
 
 def _dataset_info(cfg: BuildConfig, teacher, guidance) -> dict[str, Any]:
     return {
         "kind": guidance.kind,
-        "guidance": {"name": guidance.name, "params": guidance.params},
+        "guidance": _guidance_info(cfg, guidance),
         "teacher": {"fingerprint": teacher.fingerprint, "source": str(cfg.teacher)},
         "tensors": list(tensor_names(guidance.kind, cfg.store_clean)),
         "resolution": cfg.resolution,

@@ -8,6 +8,7 @@ import sys
 import click
 
 from diffusion.cli import config_option, run_group
+from diffusion.guidance import COEFFICIENTS
 from diffusion.teacher import DTYPES
 
 
@@ -22,6 +23,9 @@ def cli() -> None:
 @click.option("--source", required=True, help="img2dataset tars (folder, glob or {a..b} pattern), image folder, or csv/parquet.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output shard folder (resumable).")
 @click.option("--guidance", default="cfg", show_default=True, help="cfg, clip, blue, or MODULE:FUNCTION (a loss to minimise).")
+@click.option("--guidance-coefficient", default=None, type=click.Choice(COEFFICIENTS),
+              help="Classifier guidance: c_t in eps + gamma c_t grad, recorded in dataset.json for `trainer fit` "
+              "(sqrt-beta: the seed's sqrt(beta_t); sigma: Dhariwal & Nichol's sqrt(1 - alphabar_t)) [sqrt-beta].")
 @click.option("--resolution", default=512, show_default=True, type=int, help="Square image side, centre-cropped.")
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @click.option("--samples", default=None, type=int, help="Read at most this many source entries, in order.")

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffusion.errors import UserError
+from diffusion.guidance import DEFAULT_COEFFICIENT
 from shards.format import SCHEMA_VERSION
 from shards.writer import ShardInfo, atomic_write_bytes, atomic_write_json
 
@@ -44,6 +45,12 @@ def read_dataset_info(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path} is missing: not a finished shard folder (run `pipeline build-shards` to completion)")
     return json.loads(path.read_text())
+
+
+def recorded_coefficient(info: dict[str, Any]) -> str:
+    """The guidance coefficient c_t recorded for classifier shards (`guidance.coefficient`); shards built
+    before the option was recorded read as the seed's, "sqrt-beta"."""
+    return info.get("guidance", {}).get("coefficient") or DEFAULT_COEFFICIENT
 
 
 def check_compatible(info: dict[str, Any], *, teacher_fingerprint: str | None = None, kind: str | None = None) -> None:

@@ -19,7 +19,7 @@ def fast_demo(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     with pytest.raises(SystemExit) as done:
-        main(["--out", str(out), "--fast"])
+        main(["--out", str(out), "--fast", "--compare-w-loss"])
     assert done.value.code in (0, None)
     return out
 
@@ -56,8 +56,14 @@ def test_train_and_eval_splits_are_disjoint():
 def test_report_has_every_section_and_grids(fast_demo):
     report = (fast_demo / "report.md").read_text()
     for heading in ("Table 5 of the seed", "One-step generation", "Fewer steps", "across CFG scales",
-                    "Blue-tone guidance", "Time and memory", "Samples"):
+                    "Blue-tone guidance", "Time and memory", "Samples", "w-distill's loss"):
         assert heading in report
+    for loss in ("x0", "eps"):
+        w_loss_row = next(line for line in report.splitlines() if line.startswith(f"| {loss},"))
+        assert w_loss_row.count("|") == 6 and "|  |" not in w_loss_row  # digit-CLIP and -FID at w = 1 and 3
+    record = json.loads((fast_demo / "student-w-eps" / "distillation.json").read_text())
+    assert record["w_loss"] == "eps" and json.loads((fast_demo / "student-w" / "distillation.json").read_text())[
+        "w_loss"] == "x0"
     assert "| student-cfg (distilled, no guidance) |" in report
     grid = np.asarray(Image.open(fast_demo / "grids.png"))
     assert grid.shape[0] == 64 * 10  # sweep points (2 scales + 3 students), three blue rows, progressive at 1 and 2
@@ -68,8 +74,12 @@ def test_report_has_every_section_and_grids(fast_demo):
     rounds = [json.loads((fast_demo / "student-progressive" / f"round-0{n}steps" / "distillation.json").read_text())
               for n in (2, 1)]
     assert [r["steps"] for r in rounds] == [2, 1] and [r["timesteps"] for r in rounds] == [[999, 499], [999]]
-    few = [line for line in report.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    few_section = report.split("## Fewer steps")[1].split("\n## ")[0]
+    few = [line for line in few_section.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(few) == 2 and few[1].count("|") == 10 and "|  |" not in few[1]  # 2 steps: every column filled
+    w_loss_section = report.split("## w-distill's loss")[1].split("\n## ")[0]
+    progressive = [line for line in w_loss_section.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(progressive) == 2 and all(line.count("|") == 6 and "|  |" not in line for line in progressive)
     for name in ("cfg", "blue", "w"):
         record = json.loads((fast_demo / f"student-{name}" / "distillation.json").read_text())
         assert record["steps"] == 4

@@ -91,6 +91,36 @@ def test_w_student_takes_w_through_the_pipelines_timestep_cond(teacher_dir, cfg_
     torch.testing.assert_close(calls[0]["timestep_cond"], w_condition(torch.tensor([5.0]), pipe.unet))
 
 
+def test_w_distill_trains_on_the_seeds_x_loss_unless_told_eps(teacher_dir, teacher, cfg_shards, tmp_path, capsys):
+    """Default: max(SNR, 1) ||x_student - x_teacher^w||^2 = max(1, sigma^2/a^2) ||eps_student - eps_teacher^w||^2,
+    computed here by hand from the same records and w draws; --w-loss eps: the unweighted eps-MSE."""
+    from diffusion.unet import unet_eps
+    from trainer.config import FitConfig
+    from trainer.fit import build_student, micro_batch_loss
+    from trainer.losses import sample_w
+
+    zt, t, text, cond, uncond = (x[:4] for x in _held_out(cfg_shards, teacher))
+    batch = {"zt": zt, "t": t, "eps_cond": cond, "eps_uncond": uncond}
+    losses = {}
+    for w_loss in ("x0", "eps"):
+        cfg = FitConfig(method="w-distill", teacher=str(teacher_dir), shards=str(cfg_shards), out=str(tmp_path),
+                        w_embedding_dim=16, **({"w_loss": "eps"} if w_loss == "eps" else {}))
+        torch.manual_seed(0)
+        student = build_student(cfg, teacher_dir).eval()
+        with torch.no_grad():
+            losses[w_loss] = micro_batch_loss(cfg, student, teacher.schedule, "cpu", batch, text,
+                                              torch.Generator().manual_seed(1)).item()
+            w = sample_w(4, cfg.w_min, cfg.w_max, torch.Generator().manual_seed(1))
+            eps_mse = (unet_eps(student, teacher.schedule, zt, t, text, guidance_scale=w)
+                       - (uncond + w.reshape(-1, 1, 1, 1) * (cond - uncond))).pow(2).flatten(1).mean(1)
+    alphabar = teacher.schedule.alphabar[t]
+    weight = ((1 - alphabar) / alphabar).clamp(min=1.0)
+    assert losses["x0"] == pytest.approx((weight * eps_mse).mean().item(), rel=1e-4)
+    assert losses["eps"] == pytest.approx(eps_mse.mean().item(), rel=1e-4)
+    assert main(fit_args("cfg-distill", teacher_dir, cfg_shards, tmp_path / "c", "--w-loss", "eps")) == 2
+    assert "--w-loss does not apply to --method cfg-distill" in capsys.readouterr().err
+
+
 def test_classifier_distill_and_kind_refusals(teacher_dir, cfg_shards, blue_shards, tmp_path, capsys):
     out = tmp_path / "blue"
     assert main(fit_args("classifier-distill", teacher_dir, blue_shards, out, "--max-steps", 3,

@@ -4,6 +4,7 @@ StableDiffusionPipeline loads and samples on the same grid, and the refusals."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -86,13 +87,36 @@ def test_stochastic_sampler_marginal_noise_matches_the_schedule(sd_schedule):
     generators = [torch.Generator().manual_seed(i) for i in range(n)]
     out = grid_stochastic(oracle, sd_schedule, noise, torch.zeros(n, 1, 1), steps, generators,
                           trace=lambda t, z: seen.setdefault(t, z.clone()))
-    assert sorted(seen, reverse=True) == step_grid(steps, 1000)[:-1]  # t_0 .. t_{N-2}; the last step is 2/N
+    assert sorted(seen, reverse=True) == step_grid(steps, 1000)  # t_0 .. t_{N-1}: one pass from each grid point
     for t, z in seen.items():
         tt = torch.tensor([t])
         residual = z - sd_schedule.a(tt, z) * c
         assert residual.mean().abs().item() < 0.03
         assert residual.std().item() == pytest.approx(sd_schedule.sigma(tt, z).item(), rel=0.03), t
     assert torch.allclose(out, torch.full_like(out, c), atol=1e-4)
+
+
+@pytest.mark.parametrize("steps", [2, 4, 8])
+def test_stochastic_sampler_makes_n_passes_and_depends_on_its_noise(teacher, steps):
+    """Meng et al.: N steps are N UNet passes (N - 1 rounds of 2/N forward, 1/N back, then a last 1/N step), counted
+    with the hook `evaluation speed` uses; and already at N = 2 the image depends on the fresh noise's seed."""
+    from evaluation.speed import count_unet_rows
+
+    unet, schedule = copy.deepcopy(teacher.unet), teacher.schedule  # a copy: the hook stays off the shared teacher
+    rows = count_unet_rows(unet)
+    size = unet.config.sample_size
+    noise = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(0))
+    text = teacher.encode_text(["a", "b"])
+
+    def sample(seed):
+        generators = [torch.Generator().manual_seed(seed + k) for k in range(2)]
+        with torch.no_grad():
+            return grid_stochastic(unet, schedule, noise, text, steps, generators)
+
+    first = sample(0)
+    assert len(rows) == steps and rows == [2] * steps
+    assert (first - sample(0)).abs().max().item() == 0.0
+    assert (first - sample(100)).abs().max().item() > 1e-3
 
 
 @pytest.fixture(scope="module")

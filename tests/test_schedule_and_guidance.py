@@ -60,5 +60,5 @@ def test_cfg_combine_by_hand():
 
 def test_classifier_guided_eps_by_hand():
     eps, grad = torch.tensor([0.5]), torch.tensor([2.0])
-    out = classifier_guided_eps(eps, grad, torch.tensor([0.01]), 300.0)
+    out = classifier_guided_eps(eps, grad, torch.tensor([0.1]), 300.0)  # c_t = sqrt(beta_t) = sqrt(0.01)
     assert out.item() == pytest.approx(0.5 + 300 * 0.1 * 2.0)

@@ -35,7 +35,7 @@ def _networks(teacher_dir, prompt_file, tmp_path, **overrides):
 
     cfg = SidConfig(teacher=str(teacher_dir), prompts=str(prompt_file), out=str(tmp_path), batch_size=3, lr=1e-3,
                     ema_halflife_kimg=0, report_to="none", **overrides)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, grad_scaler=False)
     return cfg, accelerator, build_networks(cfg, accelerator)
 
 
@@ -71,15 +71,124 @@ def test_generator_step_trains_the_generator_only_and_drops_a_planted_nan(teache
         return UNet2DConditionOutput(sample=sample)
 
     handle = nets.teacher.unet.register_forward_hook(plant_nan)
-    _, kept = _step(cfg, accelerator, nets, GENERATOR, prompt_file)
-    assert kept == 2  # sample 0's y_real was NaN: dropped, the other two trained on
+    step = _step(cfg, accelerator, nets, GENERATOR, prompt_file)
+    assert step.kept == 2 and not step.skipped  # sample 0's y_real was NaN: dropped, the other two trained on
     assert fired == {"generator"}  # through the fake net's activations, never into its weights
     assert all(p.grad is None for p in nets.teacher.unet.parameters())
     assert all(torch.isfinite(p).all() for p in generator.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, generator.parameters()))
     fired.clear()
-    loss, kept = _step(cfg, accelerator, nets, FAKE, prompt_file, iteration=1)
-    assert kept == 3 and math.isfinite(loss) and fired == {"fake"}  # the generator ran without gradient
+    step = _step(cfg, accelerator, nets, FAKE, prompt_file, iteration=1)
+    assert step.kept == 3 and math.isfinite(step.loss_sum) and fired == {"fake"}  # the generator ran without gradient
+
+
+def _nan_in_sample_0(module, how: str):
+    """A forward hook putting NaN in sample 0 of the module's output. "cut": assigned, so the backward never
+    meets it; "product": output x (NaN, 1, 1), so the backward carries 0 x NaN = NaN as a real overflow would."""
+    def hook(_module, _args, output):
+        sample = output.sample if hasattr(output, "sample") else output
+        if how == "cut":
+            sample = sample.clone()
+            sample[0] = math.nan
+        else:
+            factor = torch.ones(sample.shape[0], *([1] * (sample.ndim - 1)), dtype=sample.dtype,
+                                device=sample.device)
+            factor[0] = math.nan
+            sample = sample * factor
+        return type(output)(sample=sample) if hasattr(output, "sample") else sample
+    return module.register_forward_hook(hook)
+
+
+def test_nan_samples_under_bf16_are_dropped_and_the_steps_go_ahead(teacher_dir, prompt_file, tmp_path):
+    """The official behaviour (drop the sample, clean the gradients, step), made real: a NaN that flows back
+    from the teacher leaves the generator's gradient exactly that of the finite samples."""
+    from trainer.sid import FAKE, GENERATOR, _unwrap
+
+    cfg, accelerator, nets = _networks(teacher_dir, prompt_file, tmp_path, mixed_precision="bf16")
+    generator, fake = _unwrap(nets.generator), _unwrap(nets.fake)
+    seen = []
+    for optimizer in (nets.fake_optimizer, nets.generator_optimizer):  # the gradients each step is taken with
+        optimizer.optimizer.register_step_pre_hook(
+            lambda opt, _a, _k: seen.append([p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+    before = [p.detach().clone() for p in fake.parameters()]
+    handle = _nan_in_sample_0(generator, "product")  # a NaN image: the fake network must never see it
+    step = _step(cfg, accelerator, nets, FAKE, prompt_file)
+    handle.remove()
+    assert (step.kept, step.skipped, step.cleaned) == (2, False, False) and len(seen) == 1
+    assert all(torch.isfinite(p).all() and not torch.equal(a, p) for a, p in zip(before, fake.parameters()))
+
+    start = {k: v.clone() for k, v in generator.state_dict().items()}
+    for how in ("cut", "product"):
+        generator.load_state_dict(start)
+        handle = _nan_in_sample_0(nets.teacher.unet, how)
+        step = _step(cfg, accelerator, nets, GENERATOR, prompt_file)
+        handle.remove()
+        assert (step.kept, step.skipped, step.cleaned) == (2, False, False), how
+    cut, product = seen[1:]
+    assert all(torch.equal(a, b) and a.abs().sum() > 0 for a, b in zip(cut, product))
+    assert all(torch.isfinite(p).all() and not torch.equal(start[k], p) for k, p in generator.state_dict().items())
+
+    handle = _nan_in_sample_0(generator.conv_in, "product")  # born inside the generator: it reaches the weights
+    step = _step(cfg, accelerator, nets, GENERATOR, prompt_file, iteration=1)
+    handle.remove()
+    assert (step.kept, step.skipped, step.cleaned) == (2, False, True) and len(seen) == 4  # cleaned, still taken
+    assert all(torch.isfinite(p).all() for p in generator.parameters())
+
+
+def test_skipped_steps_are_counted_logged_checkpointed_and_stop_the_run(teacher_dir, prompt_file, tmp_path,
+                                                                        monkeypatch, capsys):
+    import accelerate
+
+    import trainer.sid
+    from diffusion.teacher import load_teacher
+
+    def nan_teacher(*args, **kwargs):  # every y_real is NaN: no generator sample survives
+        teacher = load_teacher(*args, **kwargs)
+        teacher.unet.register_forward_hook(lambda _m, _a, output: type(output)(sample=output.sample * math.nan))
+        return teacher
+
+    logged = []
+    monkeypatch.setattr(accelerate.Accelerator, "log", lambda self, values, step=None, **_: logged.append(values))
+    monkeypatch.setattr(trainer.sid, "load_teacher", nan_teacher)
+    out, common = tmp_path / "nan", ["--max-kimg", 0.012, "--ema-halflife-kimg", 0, "--log-every", 1]
+    assert trainer_main(sid_args(teacher_dir, prompt_file, out, "--max-nonfinite-steps", 2, *common)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Error:")]  # not tqdm's
+    assert len(errors) == 1 and "the generator's last 2 optimiser steps were skipped" in errors[0]
+    state = json.loads((out / "checkpoints/step-00000002/trainer_state.json").read_text())["state"]
+    counts = {"dropped_samples": 4, "skipped_steps": 2, "cleaned_steps": 0}
+    assert {k: state[k] for k in counts} == counts and state["skipped_in_a_row"] == [0, 2]
+    assert logged[-1]["skipped_steps"] == 2 and logged[-1]["dropped_samples"] == 4
+    assert math.isnan(logged[-1]["loss_generator"]) and math.isfinite(logged[-1]["loss_fake_score"])
+
+    monkeypatch.setattr(trainer.sid, "load_teacher", load_teacher)  # a sound teacher: the counters carry on
+    assert trainer_main(sid_args(teacher_dir, prompt_file, out, "--resume", "latest", *common)) == 0
+    record = json.loads((out / "distillation.json").read_text())
+    assert (record["dropped_nonfinite_samples"], record["skipped_optimizer_steps"]) == (4, 2)
+    assert record["cleaned_gradient_steps"] == 0 and logged[-1]["skipped_steps"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast is refused on a CPU")
+def test_fp16_drops_a_nan_sample_and_no_grad_scaler_skips_the_step(teacher_dir, prompt_file, tmp_path,
+                                                                   monkeypatch):
+    import trainer.sid
+    from diffusion.teacher import load_teacher
+
+    def half_nan_teacher(*args, **kwargs):  # y_real of sample 0 is NaN, and so is its way back (0 x NaN)
+        teacher = load_teacher(*args, **kwargs)
+        _nan_in_sample_0(teacher.unet, "product")
+        return teacher
+
+    monkeypatch.setattr(trainer.sid, "load_teacher", half_nan_teacher)
+    out = tmp_path / "fp16"
+    assert trainer_main(sid_args(teacher_dir, prompt_file, out, "--max-kimg", 0.004, "--mixed-precision", "fp16",
+                                 "--ema-halflife-kimg", 0)) == 0
+    record = json.loads((out / "distillation.json").read_text())
+    assert record["dropped_nonfinite_samples"] == 2 and record["skipped_optimizer_steps"] == 0  # 2 steps taken
+    assert record["cleaned_gradient_steps"] == 0
+    state = json.loads((out / "checkpoints/step-00000002/trainer_state.json").read_text())
+    assert state["scaler"] == {}  # accelerate's scaler, disabled: nothing to save
+    weights = load_file(out / "unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
 
 
 def test_resume_equals_uninterrupted_with_ema_and_accumulation(teacher_dir, prompt_file, tmp_path):
@@ -182,5 +291,6 @@ def test_bf16_autocast_with_a_bf16_teacher_keeps_float32_weights(teacher_dir, pr
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
     record = json.loads((out / "distillation.json").read_text())
     assert record["mixed_precision"] == "bf16" and record["dropped_nonfinite_samples"] == 0
+    assert record["skipped_optimizer_steps"] == record["cleaned_gradient_steps"] == 0
     config = json.loads((out / "checkpoints/step-00000002/trainer_state.json").read_text())["config"]
     assert config["teacher_precision"] == "bf16"

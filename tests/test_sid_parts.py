@@ -17,6 +17,8 @@ from diffusion.unet import guided_eps, guided_x0
 from trainer.ema import ema_beta
 from trainer.losses import finite_samples, sid_fake_score_loss, sid_generator_loss, sid_omega
 from trainer.prompts import PromptSampler, read_prompts
+from trainer.sid import (FAKE, GENERATOR, SidState, StepResult, draw_micro_batch, nonfinite_stop,
+                         zero_gradient_of_dropped)
 from trainer.sid_config import SidConfig
 
 
@@ -62,6 +64,45 @@ def test_finite_samples_marks_any_nan_or_inf_row():
     b = torch.zeros(3, 2)
     a[1, 0], b[2, 1] = math.nan, math.inf
     assert finite_samples(a, b).tolist() == [True, False, False]
+
+
+def test_a_sample_indexed_out_of_the_loss_still_sends_nan_back_unless_its_gradient_is_zeroed():
+    z = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    factor = torch.tensor([[math.nan], [1.0], [1.0]])  # the teacher's NaN on sample 0
+
+    def weight_gradient(zero: bool) -> torch.Tensor:
+        w = torch.ones(2, requires_grad=True)  # a weight every sample shares, as the generator's
+        x_g = z * w
+        y_real = x_g * factor
+        keep = finite_samples(y_real)
+        if zero:
+            zero_gradient_of_dropped(x_g, keep)
+        (y_real[keep] * x_g[keep]).sum().backward()
+        return w.grad
+
+    assert torch.isnan(weight_gradient(zero=False)).all()  # 0 x NaN: the indexing alone does not stop it
+    assert weight_gradient(zero=True).tolist() == [2 * (9.0 + 25.0), 2 * (16.0 + 36.0)]  # samples 1 and 2 only
+
+
+def test_step_counters_the_stop_line_and_an_old_checkpoints_state():
+    state = SidState()
+    steps = [(FAKE, StepResult(6.0, 3, False, False)), (GENERATOR, StepResult(0.0, 0, True, False)),
+             (FAKE, StepResult(2.0, 2, False, True)), (GENERATOR, StepResult(0.0, 0, True, False))]
+    for phase, step in steps:
+        state.count(phase, step, 3)
+    assert state.nonfinite_counts() == {"dropped_samples": 7, "skipped_steps": 2, "cleaned_steps": 1}
+    assert state.skipped_in_a_row == [0, 2] and list(state.recent_fake) == [2.0, 1.0] and not state.recent_generator
+    assert nonfinite_stop(state, 3) is None
+    assert "the generator's last 2 optimiser steps were skipped" in nonfinite_stop(state, 2)
+    assert "\n" not in nonfinite_stop(state, 2)
+    assert SidState.from_dict(state.to_dict()) == state
+    state.count(GENERATOR, StepResult(1.0, 3, False, False), 3)
+    assert state.skipped_in_a_row == [0, 0] and list(state.recent_generator) == [1.0 / 3]
+    old = {"iteration": 4, "images": 32, "dropped_samples": 5, "nonfinite_in_a_row": 2, "recent_generator": [1.0],
+           "recent_fake": [2.0]}  # a checkpoint's state from before skipped steps were counted
+    resumed = SidState.from_dict(old)
+    assert resumed.skipped_in_a_row == [0, 2] and resumed.skipped_steps == resumed.cleaned_steps == 0
+    assert (resumed.dropped_samples, list(resumed.recent_generator)) == (5, [1.0])
 
 
 class StubUNet:
@@ -159,3 +200,16 @@ def test_guidance_strategies_by_name():
     assert SidConfig(**base).adam_epsilon == 1e-8 and SidConfig(**base).lr_fake == 1e-6
     with pytest.raises(UserError, match="t-min"):
         SidConfig(**base, t_min=500, t_max=100)
+
+
+def test_prompt_dropout_is_on_when_only_kappa3_guides():
+    base = {"teacher": "T", "prompts": "P", "out": "O", "kappa": 1.0, "prompt_dropout": 0.5, "batch_size": 32}
+    sampler = PromptSampler([f"p{i}" for i in range(8)], seed=0)
+
+    def prompts(cfg, phase):
+        return draw_micro_batch(cfg, sampler, phase, 0, 0, 0, 1, (1, 2, 2))[0]
+
+    kappa3 = SidConfig(**base, kappa3=0.5)  # the fake network's kappa3 branch needs its unconditional score
+    assert kappa3.uses_dropout and "" in prompts(kappa3, FAKE) and "" not in prompts(kappa3, GENERATOR)
+    long = SidConfig(**base, kappa4=3.0)
+    assert not long.uses_dropout and "" not in prompts(long, FAKE)

@@ -7,10 +7,13 @@ import math
 import pytest
 import torch
 
+from diffusion.errors import UserError
+from diffusion.guidance import guidance_coefficient
 from diffusion.schedule import NoiseSchedule
 from diffusion.tiny import SD_SCHEDULER
 from diffusion.unet import add_guidance_embedding, guidance_scale_embedding, unet_eps
-from trainer.losses import cfg_distill_loss, classifier_distill_loss, per_sample_mse, sample_w, w_distill_loss
+from trainer.losses import (cfg_distill_loss, classifier_distill_loss, per_sample_mse, sample_w, w_distill_eps_loss,
+                            w_distill_loss, w_distill_target)
 
 
 def t(values) -> torch.Tensor:
@@ -29,27 +32,70 @@ def test_cfg_distill_scale_one_is_the_conditional_model():
 
 
 def test_classifier_distill_loss_by_hand():
-    # sqrt(0.04) = 0.2; target = [1, 0] + 10 * 0.2 * [1, -1] = [3, -2]; student [1, 1] -> (4 + 9) / 2
-    beta_t = torch.full((1, 1, 1, 1), 0.04)
-    loss = classifier_distill_loss(t([[1.0, 1.0]]), eps=t([[1.0, 0.0]]), grad=t([[1.0, -1.0]]), beta_t=beta_t, gamma=10.0)
+    # c_t = sqrt(0.04) = 0.2; target = [1, 0] + 10 * 0.2 * [1, -1] = [3, -2]; student [1, 1] -> (4 + 9) / 2
+    c_t = torch.full((1, 1, 1, 1), 0.2)
+    loss = classifier_distill_loss(t([[1.0, 1.0]]), eps=t([[1.0, 0.0]]), grad=t([[1.0, -1.0]]), c_t=c_t, gamma=10.0)
     assert loss.item() == pytest.approx(6.5)
 
 
-def test_classifier_distill_uses_the_schedules_beta():
+def _sd_by_hand(step: int) -> tuple[float, float]:
+    """(sqrt(beta_t), sqrt(1 - alphabar_t)) on SD's scaled_linear schedule, 0.00085..0.012, in plain floats."""
+    roots = [math.sqrt(0.00085) + i / 999 * (math.sqrt(0.012) - math.sqrt(0.00085)) for i in range(step + 1)]
+    return roots[step], math.sqrt(1 - math.prod(1 - r * r for r in roots))
+
+
+@pytest.mark.parametrize("convention", ["sqrt-beta", "sigma"])
+def test_classifier_distill_target_with_each_coefficient(convention):
     schedule = NoiseSchedule.from_scheduler_config(SD_SCHEDULER)
-    step = 500
-    root = math.sqrt(0.00085) + step / 999 * (math.sqrt(0.012) - math.sqrt(0.00085))
-    eps, grad = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
-    beta_t = schedule.beta(torch.tensor([step]), eps)
-    loss = classifier_distill_loss(torch.zeros(1, 1, 1, 1), eps, grad, beta_t, gamma=100.0)
-    assert loss.item() == pytest.approx((100.0 * root) ** 2, rel=1e-5)  # (gamma sqrt(beta_t))^2, sqrt(beta) = root
+    steps = torch.tensor([1, 100, 500])
+    eps, grad = torch.zeros(3, 1, 1, 1), torch.ones(3, 1, 1, 1)
+    c_t = guidance_coefficient(schedule, steps, eps, convention)
+    loss = classifier_distill_loss(torch.zeros(3, 1, 1, 1), eps, grad, c_t, gamma=100.0)
+    by_hand = [_sd_by_hand(step)[convention == "sigma"] for step in steps.tolist()]
+    assert loss.tolist() == pytest.approx([(100.0 * c) ** 2 for c in by_hand], rel=1e-5)  # (gamma c_t)^2
 
 
-def test_w_distill_loss_per_sample_w():
+def test_the_two_coefficients_differ_as_the_issue_says():
+    """sigma_t / sqrt(beta_t) on SD's schedule: 1.41 at t = 1, 8.74 at t = 100, 12.26 at t = 500 (by hand)."""
+    schedule = NoiseSchedule.from_scheduler_config(SD_SCHEDULER)
+    steps, like = torch.tensor([1, 100, 500]), torch.zeros(3, 1, 1, 1, dtype=torch.float64)
+    ratio = guidance_coefficient(schedule, steps, like, "sigma") / guidance_coefficient(schedule, steps, like)
+    by_hand = [s / b for b, s in map(_sd_by_hand, (1, 100, 500))]  # diffusers' betas are float32: rel 1e-6
+    assert ratio.flatten().tolist() == pytest.approx(by_hand, rel=1e-6)
+    assert ratio.flatten().tolist() == pytest.approx([1.412, 8.742, 12.260], abs=1e-3)
+    with pytest.raises(UserError, match="unknown guidance coefficient 'dhariwal'"):
+        guidance_coefficient(schedule, steps, like, "dhariwal")
+
+
+def test_w_distill_target_per_sample_w():
     cond, uncond = t([[1.0, 2.0], [1.0, 2.0]]), t([[0.0, 1.0], [0.0, 1.0]])
-    loss = w_distill_loss(t([[1.0, 2.0], [0.0, 0.0]]), cond, uncond, w=torch.tensor([1.0, 3.0]))
-    # sample 0: w = 1, target = cond = student -> 0; sample 1: target = [3, 4] -> (9 + 16) / 2
-    assert loss.tolist() == [0.0, 12.5]
+    target = w_distill_target(cond, uncond, w=torch.tensor([1.0, 3.0]))
+    # sample 0: w = 1, the conditional eps; sample 1: [0, 1] + 3 [1, 1] = [3, 4]
+    assert target.flatten(1).tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    assert w_distill_eps_loss(t([[1.0, 2.0], [0.0, 0.0]]), target).tolist() == [0.0, 12.5]
+
+
+def test_w_distill_loss_is_the_truncated_snr_weighted_x_loss():
+    # sample 0: a = 0.8, sigma = 0.6: SNR 16/9 > 1; sample 1: a = 0.6, sigma = 0.8: SNR 9/16, floored at 1
+    a, sigma = torch.tensor([0.8, 0.6]).reshape(2, 1, 1, 1), torch.tensor([0.6, 0.8]).reshape(2, 1, 1, 1)
+    x_student, x_teacher = t([[1.0, 3.0], [0.0, 2.0]]), torch.zeros(2, 1, 1, 2)
+    assert w_distill_loss(x_student, x_teacher, a, sigma).tolist() == pytest.approx([5.0 * 16 / 9, 2.0])
+
+
+def test_w_distill_x_loss_against_eps_mse_on_sds_schedule():
+    """x - x' = -(sigma/a)(eps - eps'): the x loss is max(1, sigma^2/a^2) times the eps-MSE. At t = 999 that is
+    (1 - alphabar)/alphabar (about 212), the factor the earlier unweighted eps loss left out; where SNR >= 1 the
+    two agree."""
+    schedule = NoiseSchedule.from_scheduler_config(SD_SCHEDULER)
+    z_t, eps_s, eps_w = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    steps = torch.tensor([999, 500, 50])
+    a, sigma = schedule.a(steps, z_t), schedule.sigma(steps, z_t)
+    x_loss = w_distill_loss(schedule.eps_to_x0(z_t, eps_s, steps), schedule.eps_to_x0(z_t, eps_w, steps), a, sigma)
+    ratio = x_loss / w_distill_eps_loss(eps_s, eps_w)
+    alphabar = schedule.alphabar[steps]
+    expected = ((1 - alphabar) / alphabar).clamp(min=1.0)
+    assert ratio.tolist() == pytest.approx(expected.tolist(), rel=1e-4)
+    assert 200 < ratio[0].item() < 230 and ratio[2].item() == pytest.approx(1.0)
 
 
 def test_per_sample_mse_is_float32_and_unreduced():

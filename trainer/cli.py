@@ -10,7 +10,8 @@ from click.core import ParameterSource
 
 from diffusion.cli import config_option, dataclass_option, run_group
 from diffusion.errors import UserError
-from trainer.config import LR_SCHEDULES, MIXED_PRECISION, SHARD_KIND, FitConfig, ProgressiveConfig
+from diffusion.guidance import COEFFICIENTS
+from trainer.config import LR_SCHEDULES, MIXED_PRECISION, SHARD_KIND, W_LOSSES, FitConfig, ProgressiveConfig
 from trainer.sid_config import SidConfig
 
 option = dataclass_option(FitConfig)
@@ -33,9 +34,13 @@ def cli() -> None:
         "progressive: built with --store-clean).")
 @option("out", "Output: a StableDiffusionPipeline folder + distillation.json, with checkpoints/ and logs/.", required=True, type=click.Path(file_okay=False))
 @option("guidance_scale", "alpha for cfg-distill [7.5], gamma for classifier-distill [100; 300 for CLIP in the seed].", type=float)
+@option("guidance_coefficient", "classifier-distill: c_t in eps + gamma c_t grad: sqrt-beta (the seed's "
+        "sqrt(beta_t)) or sigma (Dhariwal & Nichol's sqrt(1 - alphabar_t)) [the shards' dataset.json; sqrt-beta].",
+        type=click.Choice(COEFFICIENTS))
 @option("w_min", "w-distill: lowest guidance scale w (diffusers' guidance_scale units); progressive: [the student's].", type=float)
 @option("w_max", "w-distill: highest guidance scale w; progressive: [the student's].", type=float)
 @option("w_embedding_dim", "w-distill: size of the sinusoidal w embedding (the UNet's time_cond_proj_dim).", type=int)
+@option("w_loss", "w-distill: x0 (seed 001: max(SNR, 1) ||x_student - x_teacher^w||^2, as progressive weighs) or eps (unweighted eps-MSE) [x0].", type=click.Choice(W_LOSSES))
 @option("max_steps", "Optimiser steps in all.", type=int)
 @option("batch_size", "Samples per process per micro-batch.", type=int)
 @option("gradient_accumulation_steps", "Micro-batches per optimiser step.", type=int)
@@ -75,7 +80,7 @@ def cli() -> None:
 @sid_option("t_init", "sid-lsg: the generator's timestep; its input is sqrt(1 - alphabar[t_init]) z.", type=int)
 @sid_option("t_min", "sid-lsg: lowest diffusion time of the score losses.", type=int)
 @sid_option("t_max", "sid-lsg: highest diffusion time of the score losses.", type=int)
-@sid_option("prompt_dropout", "sid-lsg: probability of \"\" for the fake network's prompts (when kappa1 or kappa2 != 1).", type=float)
+@sid_option("prompt_dropout", "sid-lsg: probability of \"\" for the fake network's prompts (when kappa1, kappa2 or kappa3 != 1).", type=float)
 @sid_option("lr_fake", "sid-lsg: the fake score network's Adam lr [--lr].", type=float)
 @sid_option("ema_halflife_kimg", "sid-lsg: EMA half-life of the generator in thousands of images (0: none).", type=float)
 @sid_option("ema_rampup", "sid-lsg: cap the half-life at this fraction of the images seen.", type=float)

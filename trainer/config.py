@@ -7,12 +7,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from diffusion.errors import UserError
+from diffusion.guidance import COEFFICIENTS, DEFAULT_COEFFICIENT
 
 # method -> the shard kind it reads
 SHARD_KIND = {"cfg-distill": "cfg", "classifier-distill": "classifier", "w-distill": "cfg"}
 DEFAULT_GUIDANCE_SCALE = {"cfg-distill": 7.5, "classifier-distill": 100.0}
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+W_LOSSES = ("x0", "eps")
 
 
 def require_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
@@ -92,9 +94,11 @@ class FitConfig(ShardLoopConfig):
     method: str
     teacher: str
     guidance_scale: float | None = None  # alpha (cfg-distill) or gamma (classifier-distill)
+    guidance_coefficient: str | None = None  # classifier-distill: c_t in eps + gamma c_t grad [the shards']
     w_min: float = 2.0  # w-distill: the guidance-scale range, in diffusers' guidance_scale units
     w_max: float = 14.0
     w_embedding_dim: int = 256
+    w_loss: str | None = None  # w-distill: "x0" (seed 001's max(SNR, 1)-weighted x loss) or "eps" [x0]
     max_steps: int = 1000
 
     def __post_init__(self) -> None:
@@ -105,7 +109,16 @@ class FitConfig(ShardLoopConfig):
             self.guidance_scale = DEFAULT_GUIDANCE_SCALE[self.method]
         if self.method == "w-distill" and not self.w_min <= self.w_max:
             raise UserError(f"--w-min {self.w_min} is above --w-max {self.w_max}")
+        if self.w_loss is not None and self.method != "w-distill":
+            raise UserError(f"--w-loss does not apply to --method {self.method}")
+        if self.method == "w-distill":
+            self.w_loss = self.w_loss or "x0"
+            require_choice("w-loss", self.w_loss, W_LOSSES)
         require_at_least_one(self, ("max_steps",))
+        if self.guidance_coefficient is not None:
+            if self.method != "classifier-distill":
+                raise UserError(f"--guidance-coefficient does not apply to --method {self.method}")
+            require_choice("guidance-coefficient", self.guidance_coefficient, COEFFICIENTS)
 
     @property
     def shard_kind(self) -> str:
@@ -115,7 +128,12 @@ class FitConfig(ShardLoopConfig):
         """What a resume must not change: it would be another training run."""
         keys = ("method", "guidance_scale", "w_min", "w_max", "w_embedding_dim", "batch_size",
                 "gradient_accumulation_steps", "seed")
-        return {k: getattr(self, k) for k in keys}
+        identity = {k: getattr(self, k) for k in keys}
+        if self.w_loss == "x0":  # absent: the eps loss, as before the option
+            identity["w_loss"] = self.w_loss
+        if self.guidance_coefficient not in (None, DEFAULT_COEFFICIENT):  # absent: sqrt-beta, as before the option
+            identity["guidance_coefficient"] = self.guidance_coefficient
+        return identity
 
 
 @dataclass(kw_only=True)

@@ -8,6 +8,7 @@ and `run_steps` drives steps, logs, checkpoints and Ctrl-C for both.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -17,7 +18,7 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import GradScalerKwargs, ProjectConfiguration
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -25,17 +26,19 @@ from tqdm.auto import tqdm
 
 from diffusion.errors import UserError
 from diffusion.files import sha256_file
+from diffusion.guidance import DEFAULT_COEFFICIENT, guidance_coefficient
 from diffusion.launch import check_world_size
 from diffusion.teacher import load_teacher, load_unet, quiet_library_progress
 from diffusion.unet import add_guidance_embedding, unet_eps
 from shards.format import TENSORS_BY_KIND
-from shards.manifest import MANIFEST, read_dataset_info
+from shards.manifest import MANIFEST, read_dataset_info, recorded_coefficient
 from shards.reader import ShardStream
 from trainer.checkpoint import resolve_resume
 from trainer.config import FitConfig
 from trainer.data import MicroBatches, position_generator
 from trainer.export import inference_recipe, save_student
-from trainer.losses import cfg_distill_loss, classifier_distill_loss, sample_w, w_distill_loss
+from trainer.losses import (cfg_distill_loss, classifier_distill_loss, sample_w, w_distill_eps_loss, w_distill_loss,
+                            w_distill_target)
 from trainer.resume import TrainState, load_checkpoint, save_checkpoint
 from trainer.stop import StopRequest
 from trainer.text_cache import TextEmbeddingCache
@@ -47,7 +50,9 @@ class NonFiniteLoss(UserError):
     pass
 
 
-def make_accelerator(cfg: FitConfig) -> Accelerator:
+def make_accelerator(cfg: FitConfig, grad_scaler: bool = True) -> Accelerator:
+    """The run's Accelerator; `grad_scaler=False` keeps fp16 autocast but disables accelerate's loss scaler
+    (SiD-LSG: see trainer.sid.build_networks)."""
     on_cpu = not torch.cuda.is_available()
     if on_cpu and cfg.mixed_precision == "fp16":
         raise UserError("--mixed-precision fp16 needs a GPU; use bf16 (or no) on CPU")
@@ -58,6 +63,7 @@ def make_accelerator(cfg: FitConfig) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=str(Path(cfg.out) / "logs")),
         dataloader_config=DataLoaderConfiguration(split_batches=False),  # --batch-size is per process
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=[] if grad_scaler else [GradScalerKwargs(enabled=False)],
     )
     check_world_size(accelerator.num_processes)
     return accelerator
@@ -72,6 +78,13 @@ def check_shards(cfg: FitConfig) -> dict[str, Any]:
             f"--method {cfg.method} needs {cfg.shard_kind!r} shards ({wanted}) but {cfg.shards} holds {kind!r} shards"
         )
     return info
+
+
+def with_shard_coefficient(cfg: FitConfig, info: dict[str, Any]) -> FitConfig:
+    """classifier-distill without --guidance-coefficient takes the one the shards' dataset.json records."""
+    if cfg.method != "classifier-distill" or cfg.guidance_coefficient is not None:
+        return cfg
+    return dataclasses.replace(cfg, guidance_coefficient=recorded_coefficient(info))
 
 
 def prepare_unet(unet: UNet2DConditionModel, cfg) -> UNet2DConditionModel:
@@ -144,12 +157,16 @@ def micro_batch_loss(cfg: FitConfig, student, schedule, device, batch, text, gen
     if cfg.method == "w-distill":
         w = sample_w(z_t.shape[0], cfg.w_min, cfg.w_max, generator).to(device)
         eps_student = unet_eps(student, schedule, z_t, t, text, guidance_scale=w)
-        return w_distill_loss(eps_student, tensors["eps_cond"], tensors["eps_uncond"], w).mean()
+        eps_teacher_w = w_distill_target(tensors["eps_cond"], tensors["eps_uncond"], w)
+        if cfg.w_loss == "eps":
+            return w_distill_eps_loss(eps_student, eps_teacher_w).mean()
+        x0_student, x0_teacher_w = (schedule.eps_to_x0(z_t, eps, t) for eps in (eps_student, eps_teacher_w))
+        return w_distill_loss(x0_student, x0_teacher_w, schedule.a(t, z_t), schedule.sigma(t, z_t)).mean()
     eps_student = unet_eps(student, schedule, z_t, t, text)
     if cfg.method == "cfg-distill":
         return cfg_distill_loss(eps_student, tensors["eps_cond"], tensors["eps_uncond"], cfg.guidance_scale).mean()
-    beta_t = schedule.beta(t, z_t)
-    return classifier_distill_loss(eps_student, tensors["eps"], tensors["grad"], beta_t, cfg.guidance_scale).mean()
+    c_t = guidance_coefficient(schedule, t, z_t, cfg.guidance_coefficient or DEFAULT_COEFFICIENT)
+    return classifier_distill_loss(eps_student, tensors["eps"], tensors["grad"], c_t, cfg.guidance_scale).mean()
 
 
 def train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, loss_fn, text_cache, batches: Iterator,
@@ -209,8 +226,10 @@ def _record(cfg: FitConfig, info: dict, run: dict, teacher, state: TrainState, a
     return {
         "method": cfg.method,
         "guidance_scale": None if w_distill else cfg.guidance_scale,
+        "guidance_coefficient": cfg.guidance_coefficient,  # classifier-distill: c_t in eps + gamma c_t grad
         "w_range": [cfg.w_min, cfg.w_max] if w_distill else None,
         "w_convention": W_CONVENTION if w_distill else None,
+        "w_loss": cfg.w_loss,
         "guidance": info.get("guidance"),
         "teacher": {"path": str(Path(teacher.root).resolve()), "fingerprint": teacher.fingerprint},
         "shards": {"path": str(Path(cfg.shards).resolve()), "kind": info.get("kind"),
@@ -288,6 +307,7 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
     quiet_library_progress()
     accelerator = make_accelerator(cfg)
     info = check_shards(cfg)
+    cfg = with_shard_coefficient(cfg, info)
     teacher = load_teacher(cfg.teacher, TEACHER_DTYPE[cfg.mixed_precision], accelerator.device,
                            with_unet_and_vae=False)
     torch.manual_seed(cfg.seed)

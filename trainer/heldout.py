@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from diffusion.guidance import cfg_combine, classifier_guided_eps
+from diffusion.guidance import DEFAULT_COEFFICIENT, cfg_combine, classifier_guided_eps, guidance_coefficient
 from diffusion.teacher import load_unet
 from diffusion.unet import is_w_conditioned, unet_eps
 from shards.reader import ShardStream
+from trainer.export import read_distillation
 
 
 def _records(shards: Path, limit: int) -> dict[str, object]:
@@ -40,7 +41,10 @@ def heldout_errors(student_dir: str | Path, shards: str | Path, teacher, scale: 
         baseline, target = batch["eps_cond"], cfg_combine(batch["eps_uncond"], batch["eps_cond"], scale)
     else:
         baseline = batch["eps"]
-        target = classifier_guided_eps(batch["eps"], batch["grad"], teacher.schedule.beta(t, z_t), scale)
+        record = read_distillation(Path(student_dir)) or {}
+        convention = record.get("guidance_coefficient") or DEFAULT_COEFFICIENT  # the one the student trained with
+        c_t = guidance_coefficient(teacher.schedule, t, z_t, convention)
+        target = classifier_guided_eps(batch["eps"], batch["grad"], c_t, scale)
     w = torch.full((len(t),), float(scale)) if is_w_conditioned(unet) else None
     eps = unet_eps(unet, teacher.schedule, z_t, t, text.to(unet.dtype), guidance_scale=w)
     student_error = (eps - target).pow(2).mean().item()

@@ -1,6 +1,7 @@
 """The distillation losses, one small pure function each: tensors in, per-sample loss out (no optimiser, no DDP).
 
-All targets are in eps space and computed in float32 from the teacher's stored outputs; the student's eps is
+Targets are computed in float32 from the teacher's stored outputs: in eps space for cfg-distill and
+classifier-distill (seed 000, Eq. 5), in x space for w-distill and progressive (seed 001); the student's eps is
 its own prediction converted to eps (`diffusion.unet.unet_eps`). Reduction over the batch is the caller's.
 """
 
@@ -24,21 +25,34 @@ def cfg_distill_loss(
 
 
 def classifier_distill_loss(
-    eps_student: torch.Tensor, eps: torch.Tensor, grad: torch.Tensor, beta_t: torch.Tensor, gamma: float
+    eps_student: torch.Tensor, eps: torch.Tensor, grad: torch.Tensor, c_t: torch.Tensor, gamma: float
 ) -> torch.Tensor:
-    """Feed-forward guidance, classifier: ||eps_student - (eps + gamma sqrt(beta_t) grad)||^2.
+    """Feed-forward guidance, classifier: ||eps_student - (eps + gamma c_t grad)||^2, c_t = sqrt(beta_t) in the
+    seed's Eq. 4 or sigma_t in Dhariwal & Nichol's (`diffusion.guidance.guidance_coefficient`).
 
-    `grad` is d(loss to minimise)/d z_t as the shards store it; `beta_t` broadcasts against eps (B, 1, 1, 1).
+    `grad` is d(loss to minimise)/d z_t as the shards store it; `c_t` broadcasts against eps (B, 1, 1, 1).
     """
-    return per_sample_mse(eps_student, classifier_guided_eps(eps.float(), grad.float(), beta_t.float(), gamma))
+    return per_sample_mse(eps_student, classifier_guided_eps(eps.float(), grad.float(), c_t.float(), gamma))
 
 
-def w_distill_loss(
-    eps_student: torch.Tensor, eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: torch.Tensor
-) -> torch.Tensor:
-    """Meng et al. stage 1: ||eps_student(z_t, c, w) - (eps_uncond + w (eps_cond - eps_uncond))||^2, w per sample."""
+def w_distill_target(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The teacher's guided eps at each sample's own w: eps_uncond + w (eps_cond - eps_uncond), in float32."""
     w = w.float().reshape(-1, *([1] * (eps_cond.ndim - 1)))
-    return per_sample_mse(eps_student, cfg_combine(eps_uncond.float(), eps_cond.float(), w))
+    return cfg_combine(eps_uncond.float(), eps_cond.float(), w)
+
+
+def w_distill_loss(x0_student: torch.Tensor, x0_teacher_w: torch.Tensor, a_t: torch.Tensor,
+                   sigma_t: torch.Tensor) -> torch.Tensor:
+    """Meng et al. stage 1, as seed 001 writes it: omega(lambda_t) ||x_student(z_t, w) - x_teacher^w(z_t)||^2 in
+    x space (mean over elements), with omega = max(SNR, 1) = max(a_t^2 / sigma_t^2, 1), the truncated-SNR
+    weight the progressive stage (stage 2) uses too, so both stages agree on which t matter."""
+    return truncated_snr_weight(a_t, sigma_t) * per_sample_mse(x0_student, x0_teacher_w)
+
+
+def w_distill_eps_loss(eps_student: torch.Tensor, eps_teacher_w: torch.Tensor) -> torch.Tensor:
+    """The earlier form (`--w-loss eps`): an unweighted eps-MSE, i.e. the x loss weighted by SNR with no floor
+    (at t = 999 on SD's schedule 214x below max(SNR, 1))."""
+    return per_sample_mse(eps_student, eps_teacher_w)
 
 
 def sample_w(batch: int, w_min: float, w_max: float, generator: torch.Generator) -> torch.Tensor:

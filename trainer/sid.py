@@ -6,6 +6,13 @@ on the generator's current images, then the generator (1:1), each over gradient_
 (only the last one syncs under DDP). The losses live in `trainer.losses`, the one-step generator in
 `diffusion.samplers.sid_one_step`; this module feeds them. Every random draw (prompts, z, eps, t, prompt dropout)
 is a function of (seed, iteration, phase, round, rank), so a resume continues exactly.
+
+Non-finite values, as the official loop means them (`training/sid_training_loop.py`): a sample with a
+non-finite value is dropped from its loss, the gradients are cleaned with nan_to_num, and the step goes ahead.
+Here a dropped sample's NaN cannot reach the weights through 0 x NaN in the backward (`fake_score_loss`,
+`zero_gradient_of_dropped`), fp16 runs without a loss scaler (`run_sid`), a step is skipped only when
+no rank kept a sample, and dropped samples, skipped and cleaned steps are counted (logs, checkpoints,
+distillation.json); `--max-nonfinite-steps` skipped steps in a row of one network stop the run.
 """
 
 from __future__ import annotations
@@ -41,26 +48,63 @@ from trainer.text_cache import TextEmbeddingCache
 
 FAKE, GENERATOR = 0, 1
 RECENT = 100
+NETWORK_NAMES = ("fake score network", "generator")
 
 
-class NonFiniteGenerator(UserError):
+class NonFiniteSteps(UserError):
     pass
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One network's optimiser step, summed over ranks."""
+
+    loss_sum: float  # over the kept samples
+    kept: int  # samples with finite values, the only ones in the loss
+    skipped: bool  # no finite sample in the global batch: the optimiser did not step
+    cleaned: bool  # the step was taken after non-finite gradient values were replaced
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.kept if self.kept else math.nan
 
 
 @dataclass
 class SidState:
     iteration: int = 0
     images: int = 0  # generated images the generator has trained on (all ranks)
-    dropped_samples: int = 0  # samples dropped from a loss for non-finite values (all ranks)
-    nonfinite_in_a_row: int = 0  # iterations whose generator batches were all dropped
+    dropped_samples: int = 0  # samples dropped from a loss for non-finite values (both networks, all ranks)
+    skipped_steps: int = 0  # optimiser steps not taken: no finite sample in the global batch (both networks)
+    cleaned_steps: int = 0  # optimiser steps taken after non-finite gradient values were replaced (both networks)
+    # per network (FAKE, GENERATOR): how many of its latest optimiser steps were skipped, in a row
+    skipped_in_a_row: list = field(default_factory=lambda: [0, 0])
     recent_generator: deque = field(default_factory=lambda: deque(maxlen=RECENT))
     recent_fake: deque = field(default_factory=lambda: deque(maxlen=RECENT))
+
+    def count(self, phase: int, step: StepResult, global_batch: int) -> None:
+        """Add one optimiser step of network `phase` to the counters."""
+        self.dropped_samples += global_batch - step.kept
+        self.skipped_steps += step.skipped
+        self.cleaned_steps += step.cleaned
+        self.skipped_in_a_row[phase] = self.skipped_in_a_row[phase] + 1 if step.skipped else 0
+        if not step.skipped:
+            (self.recent_fake if phase == FAKE else self.recent_generator).append(step.mean_loss)
+
+    def nonfinite_counts(self) -> dict[str, int]:
+        return {"dropped_samples": self.dropped_samples, "skipped_steps": self.skipped_steps,
+                "cleaned_steps": self.cleaned_steps}
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "recent_generator": list(self.recent_generator), "recent_fake": list(self.recent_fake)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SidState":
+        """The saved counters; a checkpoint written before skipped steps were counted has none of them (they
+        start at 0) and kept `nonfinite_in_a_row`, the iterations in a row without a finite generator sample:
+        exactly the generator's skipped steps in a row."""
+        values = dict(values)
+        if "nonfinite_in_a_row" in values:
+            values["skipped_in_a_row"] = [0, values.pop("nonfinite_in_a_row")]
         state = cls(**{k: v for k, v in values.items() if not k.startswith("recent_")})
         state.recent_generator.extend(values["recent_generator"])
         state.recent_fake.extend(values["recent_fake"])
@@ -120,21 +164,42 @@ def draw_micro_batch(cfg: SidConfig, sampler: PromptSampler, phase: int, iterati
     return prompts, z, noise, t
 
 
+def _per_sample(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B,) mask shaped to broadcast against `like` (B, ...)."""
+    return mask.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def zero_gradient_of_dropped(x: torch.Tensor, keep: torch.Tensor) -> None:
+    """Make the gradient that reaches `x` exactly 0 on the dropped samples, by torch.where: the loss already
+    leaves them out, but a NaN the teacher or the fake network made for one of them comes back through their
+    backward as 0 x NaN = NaN and would reach every generator weight through the batch sums of its backward
+    (the official loop indexes the samples out after the forward, so it has this leak and zeroes those weight
+    gradients whole with nan_to_num, losing the step)."""
+    if x.requires_grad and not bool(keep.all()):
+        mask = _per_sample(keep, x)
+        x.register_hook(lambda grad: torch.where(mask, grad, torch.zeros_like(grad)))
+
+
 def fake_score_loss(cfg, nets: SidNetworks, text, uncond, z, noise, t) -> tuple[torch.Tensor, int]:
-    """Sum over the finite samples of the fake network's per-sample loss, and how many were kept."""
+    """Sum over the finite samples of the fake network's per-sample loss, and how many were kept. A non-finite
+    x_g is replaced by 0 before the fake network sees it (and dropped): its NaN would otherwise sit in the fake
+    network's activations, and 0 x NaN in the backward would spoil every weight gradient."""
     schedule = nets.teacher.schedule
     with torch.no_grad():
         x_g = sid_one_step(_unwrap(nets.generator), schedule, z, cfg.t_init, text)
+    finite_x_g = finite_samples(x_g)
+    x_g = torch.where(_per_sample(finite_x_g, x_g), x_g, torch.zeros_like(x_g))
     x_t = schedule.add_noise(x_g, noise, t)
     (eps_fake,) = guided_eps(nets.fake, schedule, x_t, t, text, uncond, (cfg.kappa1,))
     per_sample = sid_fake_score_loss(eps_fake, noise)
-    keep = finite_samples(per_sample[:, None])
+    keep = finite_x_g & finite_samples(per_sample[:, None])
     return per_sample[keep].sum(), int(keep.sum())
 
 
 def generator_loss(cfg, nets: SidNetworks, text, uncond, z, noise, t) -> tuple[torch.Tensor, int]:
     """Sum over the finite samples of the generator's per-sample loss: the same x_t for the teacher (kappa4)
-    and the fake network (kappa2, kappa3); gradients reach x_g through both, never their weights."""
+    and the fake network (kappa2, kappa3); gradients reach x_g through both, never their weights, and never
+    from a dropped sample (`zero_gradient_of_dropped`)."""
     schedule, teacher = nets.teacher.schedule, nets.teacher
     x_g = sid_one_step(nets.generator, schedule, z, cfg.t_init, text)
     x_t = schedule.add_noise(x_g, noise, t)
@@ -142,26 +207,32 @@ def generator_loss(cfg, nets: SidNetworks, text, uncond, z, noise, t) -> tuple[t
     y_fakes = guided_x0(_unwrap(nets.fake), schedule, x_t, t, text, uncond, kappa2_3)
     (y_real,) = guided_x0(teacher.unet, schedule, x_t, t, text, uncond, (cfg.kappa4,))
     keep = finite_samples(x_g, y_real, *y_fakes)
+    zero_gradient_of_dropped(x_g, keep)
     y_fake3 = y_fakes[-1][keep] if len(y_fakes) == 2 else None
     per_sample = sid_generator_loss(x_g[keep], y_real[keep], y_fakes[0][keep], cfg.alpha, y_fake3)
     return per_sample.sum(), int(keep.sum())
 
 
-def clean_gradients(accelerator, module: torch.nn.Module, optimizer, clip_value: float | None) -> None:
-    """Unscale (fp16), replace non-finite gradient values (nan -> 0, +-inf -> +-1e5), clip by value if asked."""
-    if accelerator.scaler is not None:
-        accelerator.unscale_gradients(optimizer=optimizer)
+def clean_gradients(module: torch.nn.Module, clip_value: float | None) -> bool:
+    """The official loop's guard before each optimiser step: non-finite gradient values replaced (nan -> 0,
+    +-inf -> +-1e5), then clipped by value if asked. Returns whether any value was replaced: a NaN born inside
+    the network being trained still reaches its weight gradients, and that step goes ahead cleaned."""
     parameters = [p for p in module.parameters() if p.grad is not None]
+    if not parameters:
+        return False
+    replaced = not bool(torch.stack([torch.isfinite(p.grad).all() for p in parameters]).all())
     for p in parameters:
         torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
     if clip_value is not None:
         torch.nn.utils.clip_grad_value_(parameters, clip_value)
+    return replaced
 
 
 def network_step(cfg, accelerator, nets: SidNetworks, phase: int, sampler, text_cache, uncond, iteration: int,
-                 latent_shape) -> tuple[float, int]:
-    """One optimiser step of the fake network (phase FAKE) or the generator; returns (loss sum, samples kept)
-    on this rank. Only the last micro-batch syncs gradients under DDP."""
+                 latent_shape) -> StepResult:
+    """One optimiser step of the fake network (phase FAKE) or the generator, over all ranks. Only the last
+    micro-batch syncs gradients under DDP. The step is skipped, on every rank alike, only when no rank kept a
+    finite sample (the official loop then has no gradient either); otherwise it goes ahead, cleaned."""
     module, optimizer = (nets.fake, nets.fake_optimizer) if phase == FAKE else (nets.generator,
                                                                                  nets.generator_optimizer)
     loss_fn = fake_score_loss if phase == FAKE else generator_loss
@@ -176,12 +247,16 @@ def network_step(cfg, accelerator, nets: SidNetworks, phase: int, sampler, text_
             loss, n = loss_fn(cfg, nets, text, uncond, z.to(device), noise.to(device), t.to(device))
             accelerator.backward(loss / (cfg.batch_size * accum))  # sum over elements / batch, as the seed
         total, kept = total + float(loss.detach()), kept + n
-    clip = 1.0 if phase == GENERATOR and cfg.mixed_precision == "fp16" else None
-    clean_gradients(accelerator, module, optimizer, clip)
-    optimizer.step()
+    totals = accelerator.reduce(torch.tensor([total, kept], dtype=torch.float64, device=device), "sum")
+    total, kept = float(totals[0]), int(totals[1])
+    cleaned = False
+    if kept > 0:
+        clip = 1.0 if phase == GENERATOR and cfg.mixed_precision == "fp16" else None
+        cleaned = clean_gradients(module, clip)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     nets.fake.requires_grad_(True)
-    return total, kept
+    return StepResult(total, kept, kept == 0, cleaned)
 
 
 def build_networks(cfg: SidConfig, accelerator) -> SidNetworks:
@@ -210,6 +285,15 @@ def _crossed(images: int, batch: int, every_kimg: float) -> bool:
     return every > 0 and images // every > (images - batch) // every
 
 
+def nonfinite_stop(state: SidState, limit: int) -> str | None:
+    """The one error line once a network's last `limit` optimiser steps were all skipped, else None."""
+    for phase, name in enumerate(NETWORK_NAMES):
+        if (in_a_row := state.skipped_in_a_row[phase]) >= limit:
+            return (f"stopped at {state.images / 1000:g} kimg: the {name}'s last {in_a_row} optimiser steps were "
+                    "skipped, with no finite sample in their batches (lower --lr, or try --mixed-precision bf16/no)")
+    return None
+
+
 def _record(cfg: SidConfig, prompt_list, encoder, nets, state: SidState, global_batch: int) -> dict[str, Any]:
     """distillation.json of a one-step generator: how to sample it and where it came from."""
     recent = list(state.recent_generator)
@@ -228,7 +312,8 @@ def _record(cfg: SidConfig, prompt_list, encoder, nets, state: SidState, global_
                     "truncated_by_tokenizer_seen": encoder.truncated},
         "kimg": state.images / 1000, "iterations": state.iteration, "global_batch_size": global_batch,
         "ema_halflife_kimg": cfg.ema_halflife_kimg, "mixed_precision": cfg.mixed_precision,
-        "dropped_nonfinite_samples": state.dropped_samples,
+        "dropped_nonfinite_samples": state.dropped_samples, "skipped_optimizer_steps": state.skipped_steps,
+        "cleaned_gradient_steps": state.cleaned_steps,
         "final_losses": {"generator_mean_recent": sum(recent) / len(recent) if recent else None,
                          "fake_score_mean_recent": (sum(state.recent_fake) / len(state.recent_fake)
                                                     if state.recent_fake else None)},
@@ -242,7 +327,13 @@ def run_sid(cfg: SidConfig) -> dict[str, Any]:
     """Train (or resume) and export. Returns status ("done" or "interrupted"), iteration, kimg, the last
     losses and each iteration's seconds (for benchmarks)."""
     quiet_library_progress()
-    accelerator = make_accelerator(cfg)
+    # SiD-LSG runs fp16 without a loss scaler, as the official code does (`sid_training_loop.py`: fp16 weights,
+    # plain `loss.backward()`, nan_to_num, `g_optimizer.step()`). With accelerate's scaler, a single non-finite
+    # gradient value (a NaN born in the trained network leaves some: see `clean_gradients`) makes it skip the
+    # whole optimiser step and halve its scale before nan_to_num can run, and it skips the first steps while
+    # backing off from 2^16. Underflow, what a scaler guards against, is the smaller risk here: both losses are
+    # sums over elements divided by the batch, not means. Autocast is unchanged; the weights stay float32.
+    accelerator = make_accelerator(cfg, grad_scaler=False)
     prompt_list = read_prompts(cfg.prompts, cfg.prompt_column)
     nets = build_networks(cfg, accelerator)
     unet_config = nets.teacher.unet.config
@@ -275,34 +366,26 @@ def run_sid(cfg: SidConfig) -> dict[str, Any]:
     with StopRequest() as stop, progress_bar as progress:
         while state.images < max_images:
             started = time.perf_counter()
-            fake_sum, fake_kept = network_step(cfg, accelerator, nets, FAKE, sampler, text_cache, uncond,
-                                               state.iteration, latent_shape)
-            gen_sum, gen_kept = network_step(cfg, accelerator, nets, GENERATOR, sampler, text_cache, uncond,
-                                             state.iteration, latent_shape)
-            totals = accelerator.reduce(torch.tensor([fake_sum, fake_kept, gen_sum, gen_kept, float(stop.requested)],
-                                                     dtype=torch.float64, device=accelerator.device), "sum")
+            steps = [network_step(cfg, accelerator, nets, phase, sampler, text_cache, uncond, state.iteration,
+                                  latent_shape) for phase in (FAKE, GENERATOR)]
+            requested = torch.tensor([float(stop.requested)], device=accelerator.device)
+            stop.agreed |= bool(accelerator.reduce(requested, "sum") > 0)
             if nets.ema is not None:
                 nets.ema.update(_unwrap(nets.generator), global_batch, state.images)
             state.iteration += 1
             state.images += global_batch
             seconds.append(time.perf_counter() - started)
-            stop.agreed |= bool(totals[4] > 0)
-            per_iteration = 2 * global_batch
-            state.dropped_samples += int(per_iteration - totals[1] - totals[3])
-            state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if totals[3] == 0 else 0
-            losses = {"loss_fake_score": float(totals[0] / max(totals[1], 1)),
-                      "loss_generator": float(totals[2] / max(totals[3], 1)), "kimg": state.images / 1000}
-            state.recent_fake.append(losses["loss_fake_score"])
-            state.recent_generator.append(losses["loss_generator"])
+            for phase, step in enumerate(steps):
+                state.count(phase, step, global_batch)
+            losses = {"loss_fake_score": steps[FAKE].mean_loss, "loss_generator": steps[GENERATOR].mean_loss,
+                      "kimg": state.images / 1000}
             progress.update(global_batch)
             progress.set_postfix(fake=f"{losses['loss_fake_score']:.4g}", gen=f"{losses['loss_generator']:.4g}")
             if state.iteration % cfg.log_every == 0:
-                accelerator.log({**losses, "dropped_samples": state.dropped_samples}, step=state.iteration)
-            if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                accelerator.log({**losses, **state.nonfinite_counts()}, step=state.iteration)
+            if (message := nonfinite_stop(state, cfg.max_nonfinite_steps)) is not None:
                 checkpoint()
-                raise NonFiniteGenerator(f"stopped at {state.images / 1000:g} kimg: {state.nonfinite_in_a_row} "
-                                         "iterations in a row with no finite generator sample (lower --lr, or try "
-                                         "--mixed-precision bf16/no)")
+                raise NonFiniteSteps(message)
             if accelerator.is_main_process and _crossed(state.images, global_batch, cfg.grid_every_kimg):
                 save_sample_grid(nets.sampling_generator(), nets.teacher, grid_prompts, cfg.t_init, Path(cfg.out),
                                  state.images)
@@ -321,4 +404,4 @@ def run_sid(cfg: SidConfig) -> dict[str, Any]:
     return {"status": status, "iteration": state.iteration, "kimg": state.images / 1000,
             "loss_generator": state.recent_generator[-1] if state.recent_generator else math.nan,
             "loss_fake_score": state.recent_fake[-1] if state.recent_fake else math.nan,
-            "dropped_samples": state.dropped_samples, "iteration_seconds": seconds}
+            **state.nonfinite_counts(), "iteration_seconds": seconds}

@@ -31,7 +31,7 @@ class SidConfig:
     t_init: int = 625
     t_min: int = 20
     t_max: int = 979  # t ~ U{t_min, ..., t_max}
-    prompt_dropout: float = 0.1  # "" for the fake network's prompts when some kappa differs from 1
+    prompt_dropout: float = 0.1  # "" for the fake network's prompts when kappa1, kappa2 or kappa3 != 1
     batch_size: int = 8  # per process, per micro-batch
     gradient_accumulation_steps: int = 1
     lr: float = 1e-6  # the generator's
@@ -55,7 +55,7 @@ class SidConfig:
     text_cache_size: int = 4096
     report_to: str = "tensorboard"
     log_every: int = 10  # iterations
-    max_nonfinite_steps: int = 10  # iterations in a row whose batches were all dropped as non-finite
+    max_nonfinite_steps: int = 10  # optimiser steps in a row (of one network) skipped: no finite sample
 
     def __post_init__(self) -> None:
         if self.method != "sid-lsg":
@@ -90,8 +90,10 @@ class SidConfig:
 
     @property
     def uses_dropout(self) -> bool:
-        """The seed drops prompts for the fake network when its guidance is on (kappa1 or kappa2 != 1)."""
-        return self.kappa1 != 1.0 or self.kappa2 != 1.0
+        """The seed drops prompts for the fake network when its guidance is on: `cfg_train_fake != 1 or
+        cfg_eval_fake != 1` in the official `sid_training_loop.py`, where cfg_eval_fake is kappa2 = kappa3. With
+        kappa3 set on its own, any of kappa1, kappa2, kappa3 != 1 needs the fake network's unconditional branch."""
+        return any(k != 1.0 for k in (self.kappa1, self.kappa2, self.kappa3))
 
     @property
     def strategy(self) -> str:
