@@ -122,7 +122,7 @@ def grid_stochastic(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: to
     grid = step_grid(steps, schedule.num_timesteps) + [CLEAN]
     z = noise.float()
     for i in range(steps):
-        t, target = grid[i], grid[min(i + 2, steps)] if i < steps - 1 else CLEAN
+        t, target = grid[i], grid[min(i + 2, steps)]  # the last round and the final step both end at CLEAN
         if trace is not None:
             trace(t, z)
         eps = _grid_eps(unet, schedule, z, t, text, guidance_scale)

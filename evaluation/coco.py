@@ -52,17 +52,6 @@ def choose_annotations(coco: Path, num: int, seed: int = 2014) -> list[dict]:
     return random.Random(seed).sample(annotations, num)
 
 
-def choose_prompts(coco: Path, num: int, seed: int = 2014) -> list[str]:
-    return [a["caption"] for a in choose_annotations(coco, num, seed)]
-
-
-def read_prompt_file(path: Path) -> list[str]:
-    """Every caption of a prompt file, in order (the formats are in evaluation/prompt_list.py)."""
-    from evaluation.prompt_list import read_prompt_list
-
-    return read_prompt_list(path).prompts
-
-
 def prompts_sha256(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
 

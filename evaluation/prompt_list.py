@@ -171,7 +171,7 @@ def coco_draw(coco: Path, num: int | None) -> PromptSelection:
     """The default: `num` (30000) captions drawn with seed 2014 from all COCO-2014 val annotations sorted by id."""
     from evaluation.coco import CAPTIONS, choose_annotations
 
-    chosen = choose_annotations(coco, num or COCO_DEFAULT_COUNT, COCO_DRAW_SEED)
+    chosen = choose_annotations(coco, COCO_DEFAULT_COUNT if num is None else num, COCO_DRAW_SEED)
     source = f"{coco}/{CAPTIONS.as_posix()}"
     info = {"kind": "coco-draw", "path": source, "seed": COCO_DRAW_SEED, "image_ids": True}
     return PromptSelection([a["caption"] for a in chosen], source, [a["image_id"] for a in chosen], info)
@@ -180,6 +180,8 @@ def coco_draw(coco: Path, num: int | None) -> PromptSelection:
 def select_prompts(coco: str | None, prompts: str | None, num_images: int | None,
                    column: str = "caption") -> PromptSelection:
     """--prompts FILE (its first --num-images, default all) if given, else the seeded draw from --coco."""
+    if num_images is not None and num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {num_images}")
     if prompts:
         selection = first_prompts(read_prompt_list(prompts, column), num_images)
         if coco:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from pipeline.output import OutputFolder
 from pipeline.sources import TarUnit, limit_units, list_units
 from pipeline.teacher_pass import Prepared, draw, teacher_outputs, to_records
 from shards.format import SCHEMA_VERSION, tensor_names
-from shards.manifest import read_dataset_info
+from shards.manifest import DATASET_JSON, read_dataset_info, recorded_coefficient
 from shards.writer import ShardWriter
 
 
@@ -136,8 +137,17 @@ def _guidance_info(cfg: BuildConfig, guidance) -> dict[str, Any]:
     grad) and the images the loss saw on the gradient path."""
     info = {"name": guidance.name, "params": guidance.params}
     if guidance.kind == "classifier":
-        info.update(coefficient=cfg.guidance_coefficient or DEFAULT_COEFFICIENT, images=GRADIENT_IMAGES)
+        info.update(coefficient=_coefficient(cfg), images=GRADIENT_IMAGES)
     return info
+
+
+def _coefficient(cfg: BuildConfig) -> str:
+    """--guidance-coefficient; without it, the one the folder already records (a re-run keeps it), else sqrt-beta."""
+    if cfg.guidance_coefficient is not None:
+        return cfg.guidance_coefficient
+    if (Path(cfg.out) / DATASET_JSON).is_file():
+        return recorded_coefficient(read_dataset_info(cfg.out))
+    return DEFAULT_COEFFICIENT
 
 
 def _dataset_info(cfg: BuildConfig, teacher, guidance) -> dict[str, Any]:

@@ -172,6 +172,8 @@ def test_the_coefficient_goes_from_build_shards_to_fit(tmp_path, teacher_dir, cl
     info = read_dataset_info(sigma_shards)
     assert info["guidance"]["coefficient"] == "sigma" and recorded_coefficient(info) == "sigma"
     assert recorded_coefficient({"kind": "classifier", "guidance": {"name": "blue", "params": {}}}) == "sqrt-beta"
+    assert main(build_args(teacher_dir, clean_source, sigma_shards, "--guidance", "blue", "--samples", 4)) == 0
+    assert recorded_coefficient(read_dataset_info(sigma_shards)) == "sigma"  # a re-run without the flag keeps it
     fit = ["fit", "--method", "classifier-distill", "--teacher", str(teacher_dir), "--batch-size", "2",
            "--max-steps", "1", "--ema-decay", "0", "--num-workers", "0", "--report-to", "none"]
     for extra, expected in [([], "sigma"), (["--guidance-coefficient", "sqrt-beta"], "sqrt-beta")]:

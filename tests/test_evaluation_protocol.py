@@ -76,6 +76,14 @@ def test_default_stays_the_seed_2014_draw_and_a_list_takes_its_first_n(coco, tmp
     assert load_prompt_list(EvalConfig(model="m", out="o", prompts=str(path), num_images=2))[0] == CAPTIONS[:2]
 
 
+@pytest.mark.parametrize("num", [0, -3])
+def test_num_images_below_one_is_refused(coco, tmp_path, num):
+    path = _write(tmp_path / "list.csv", "csv")
+    for source in ({"coco": str(coco)}, {"prompts": str(path)}):  # never 30000 draws, never the file minus 3
+        with pytest.raises(UserError, match=f"--num-images must be at least 1, got {num}"):
+            load_prompt_list(EvalConfig(model="m", out="o", num_images=num, **source))
+
+
 @pytest.mark.parametrize("content, extra, message", [
     (None, [], "no such file"),
     ("\n  \n", [], "holds no prompts"),

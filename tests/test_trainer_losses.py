@@ -84,7 +84,7 @@ def test_w_distill_loss_is_the_truncated_snr_weighted_x_loss():
 
 def test_w_distill_x_loss_against_eps_mse_on_sds_schedule():
     """x - x' = -(sigma/a)(eps - eps'): the x loss is max(1, sigma^2/a^2) times the eps-MSE. At t = 999 that is
-    (1 - alphabar)/alphabar (about 212), the factor the earlier unweighted eps loss left out; where SNR >= 1 the
+    (1 - alphabar)/alphabar (about 214), the factor the earlier unweighted eps loss left out; where SNR >= 1 the
     two agree."""
     schedule = NoiseSchedule.from_scheduler_config(SD_SCHEDULER)
     z_t, eps_s, eps_w = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
