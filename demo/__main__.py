@@ -7,6 +7,8 @@ DIR/report.md (tables, plots, grids). `--fast` runs a few steps of everything (t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +21,10 @@ from digits.data import prompt_list
 from digits.world import build_world
 from evaluation.cli import main as evaluation_main
 from pipeline.cli import main as pipeline_main
+from pipeline.inspect_shards import inspect_folder
+from pipeline.synthetic import write_damaged_tars, write_img2dataset_source
+from shards.manifest import read_dataset_info, read_manifest
+from shards.writer import atomic_write_json
 from trainer.cli import main as trainer_main
 from trainer.progressive import round_folder, use_grid_scheduler
 
@@ -37,6 +43,34 @@ def build_shards(root: Path, world, s: DemoSettings) -> None:
     _run("pipeline", pipeline_main, ["build-shards", *common, "--out", root / "shards-blue", "--guidance", "blue"])
     for name in ("cfg", "blue"):
         _run("pipeline", pipeline_main, ["inspect", root / f"shards-{name}"])
+
+
+def check_inputs(root: Path, world) -> None:
+    """The inputs users bring from outside: every kind of bad image and caption and every broken tar, built with
+    the digits teacher (each counted by reason, the shards valid); then one shard of the result truncated, which
+    `pipeline inspect` reports and `trainer fit` refuses before any step. The report reads inputs-check.json."""
+    source, shards, damaged = root / "bad-source", root / "shards-bad", root / "shards-bad-truncated"
+    if not source.is_dir():
+        write_img2dataset_source(source, samples=16, per_tar=8, bad_inputs=True)
+        write_damaged_tars(source)
+    _run("pipeline", pipeline_main, ["build-shards", "--teacher", world.teacher, "--source", source, "--out", shards,
+                                     "--resolution", 32, "--batch-size", 16, "--shard-size", 8])
+    _run("pipeline", pipeline_main, ["inspect", shards])
+    shutil.rmtree(damaged, ignore_errors=True)
+    shutil.copytree(shards, damaged)
+    first = damaged / read_manifest(damaged)[0].file
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    inspected = inspect_folder(damaged)
+    fit_error = io.StringIO()
+    with contextlib.redirect_stderr(fit_error):
+        code = trainer_main(["fit", "--method", "cfg-distill", "--teacher", str(world.teacher), "--shards",
+                             str(damaged), "--out", str(root / "student-from-truncated"), "--report-to", "none"])
+    atomic_write_json(root / "inputs-check.json", {
+        "dataset": read_dataset_info(shards), "truncated_shard": first.name,
+        "inspect_valid": inspected["valid"], "inspect_problems": inspected["problems"],
+        "fit_exit_code": code, "fit_error": fit_error.getvalue().strip().splitlines()[-1:]})
+    click.echo(f"inputs check: {read_dataset_info(shards)['skipped']}; truncated shard: inspect "
+               f"{'valid' if inspected['valid'] else 'INVALID'}, fit exit code {code}")
 
 
 def _fit_student(root: Path, world, s: DemoSettings, name: str, method: list) -> None:
@@ -168,6 +202,7 @@ def main(out: str, fast: bool, compare_w_loss: bool) -> None:
     start = time.perf_counter()
     world = build_world(root / "world", settings.world, log=click.echo)
     build_shards(root, world, settings)
+    check_inputs(root, world)
     fit_students(root, world, settings)
     fit_one_step(root, world, settings)
     fit_few_step(root, world, settings)

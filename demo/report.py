@@ -97,6 +97,27 @@ def w_loss_section(root: Path, settings) -> list[str]:
     ]
 
 
+def inputs_section(root: Path) -> list[str]:
+    """What the build made of every kind of bad input (counted by reason), and a truncated shard refused."""
+    check = _json(root / "inputs-check.json")
+    info = check["dataset"]
+    skipped = [[reason, n] for reason, n in info["skipped"].items()]
+    converted = ", ".join(f"{mode} {n}" for mode, n in info["converted_image_modes"].items()) or "none"
+    return [
+        "## Bad inputs and damaged files", "",
+        "`pipeline build-shards` over a source that holds every kind of bad input users bring (broken images, "
+        "captions missing, empty, Latin-1 or UTF-16; empty, random-byte, cut and repeated-key tars; an image above "
+        f"the pixel limit; a 16-bit PNG) with the digits teacher: **{info['samples']} records**, `pipeline inspect` "
+        f"valid, image modes converted: {converted}. Every entry that gave no record is counted by reason "
+        "(docs/pipeline.md lists each with an example):", "",
+        *markdown_table(["skip reason", "count"], skipped), "",
+        f"Then `{check['truncated_shard']}` of a copy is cut in half: `pipeline inspect` finds it "
+        f"({'valid' if check['inspect_valid'] else 'INVALID'}: {'; '.join(check['inspect_problems'][:2])}) and "
+        f"`trainer fit` refuses it before any step (exit code {check['fit_exit_code']}): "
+        f"`{' '.join(check['fit_error'])}`", "",
+    ]
+
+
 def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bool = False) -> Path:
     evals = root / "eval"
     info = _json(world.root / "world.json")
@@ -148,6 +169,7 @@ def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bo
         *[f"![{p.stem}](student-sid/samples/{p.name})" for p in sorted((root / "student-sid" / "samples").glob("*.png"))],
         "",
         *few_step_section(root, settings),
+        *inputs_section(root),
         *(w_loss_section(root, settings) if compare_w_loss else []),
         "## The teacher across CFG scales, and the students", "", "![sweep](eval/sweep/sweep.png)", "",
         *markdown_table(["point", "digit-CLIP", "digit-FID"], [[r["label"], float(r["clip_score"]), float(r["fid"])] for r in sweep]),

@@ -9,21 +9,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import pickle
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffusion.errors import UserError
+from diffusion.errors import UserError, one_line
 from diffusion.files import sha256_file
 from diffusion.schedule import NoiseSchedule
 from diffusion.unet import unet_eps
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+MODEL_CLASSES = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "unet": UNet2DConditionModel}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_WEIGHT_STEM = {"vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model", "text_encoder": "model"}
+_INDEX = re.compile(r"\.(?:safetensors|bin)\.index(?:\.([^.]+))?\.json$")  # model.safetensors.index[.fp16].json
+_SHARD = re.compile(r"-\d+-of-\d+")  # model.fp16-00001-of-00002.safetensors
+# What from_pretrained raises for a truncated or foreign weight file, a bad config.json or mismatched shapes.
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VARIANT_HELP = ("The teacher's weight variant, e.g. fp16 for *.fp16.safetensors [per component: the plain "
+                "weights, else the only variant there is].")
 _GET_IT = "download it once with `hf download <repo-id> --local-dir DIR` on a machine with internet"
 
 
@@ -43,31 +54,81 @@ def resolve_teacher_dir(teacher: str | os.PathLike) -> Path:
     raise UserError(f"teacher folder {path} does not exist; {_GET_IT}")
 
 
-def check_teacher_files(root: Path) -> None:
-    """Raise one clear line naming the first missing file of the StableDiffusionPipeline layout."""
+def weight_files(folder: Path) -> dict[str | None, list[Path]]:
+    """A component folder's weight files by variant, None for the plain ones: `model.safetensors` is plain,
+    `model.fp16.safetensors` the fp16 variant (diffusers' `save_pretrained(variant="fp16")`), with shards
+    (`model.fp16-00001-of-00002.safetensors`) and their index (`model.safetensors.index.fp16.json`)."""
+    found: dict[str | None, list[Path]] = {}
+    for f in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if index := _INDEX.search(f.name):
+            variant = index.group(1)
+        elif f.suffix in WEIGHT_SUFFIXES:
+            stem = _SHARD.sub("", f.name[: -len(f.suffix)])
+            variant = stem.rpartition(".")[2] if "." in stem else None
+        else:
+            continue
+        found.setdefault(variant, []).append(f)
+    return found
+
+
+def component_variant(folder: Path, variant: str | None = None) -> str | None:
+    """The variant to load from a component folder: `variant` if given (a missing one is one clear line), else
+    the plain weights when present, else the one variant there is (a folder of fp16 weights only)."""
+    files = weight_files(folder)
+    if variant is not None:
+        if variant not in files:
+            missing = folder / f"{_WEIGHT_STEM.get(folder.name, 'model')}.{variant}.safetensors"
+            have = ", ".join(sorted("plain weights" if v is None else f"variant {v}" for v in files)) or "no weights"
+            raise UserError(f"teacher weights missing: {missing} (--variant {variant}); {folder.name} has: {have}")
+        return variant
+    if None in files:
+        return None
+    if not files:
+        raise UserError(f"teacher weights missing: no *.safetensors in {folder}; {_GET_IT}")
+    if len(files) > 1:
+        raise UserError(f"{folder} has no plain weights but the variants {', '.join(sorted(files))}; pick one with "
+                        "--variant")
+    return next(iter(files))
+
+
+def check_teacher_files(root: Path, variant: str | None = None) -> dict[str, str | None]:
+    """Raise one clear line naming the first missing file of the StableDiffusionPipeline layout; return the
+    variant each weighted component loads (see component_variant)."""
     required = [root / "model_index.json"] + [root / c / "config.json" for c in ("vae", "text_encoder", "unet")]
     required.append(root / "scheduler" / "scheduler_config.json")
     for path in required:
         if not path.is_file():
             raise UserError(f"teacher file missing: {path}; {_GET_IT}")
-    for component in ("vae", "text_encoder", "unet"):
-        if not any(f.suffix in WEIGHT_SUFFIXES for f in (root / component).iterdir()):
-            raise UserError(f"teacher weights missing: no *.safetensors in {root / component}; {_GET_IT}")
+    variants = {component: component_variant(root / component, variant) for component in MODEL_CLASSES}
     tok = root / "tokenizer"
     if not ((tok / "tokenizer.json").is_file() or (tok / "vocab.json").is_file()):
         raise UserError(f"teacher file missing: {tok / 'tokenizer.json'} (or vocab.json + merges.txt); {_GET_IT}")
+    return variants
 
 
-def teacher_fingerprint(root: Path) -> str:
-    """sha256 over the configs and the full contents of the weight files of the teacher's components."""
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {one_line(error)}") from None
+
+
+def teacher_fingerprint(root: Path, variant: str | None = None) -> str:
+    """sha256 over the configs and the full contents of the weight files of the teacher's components: every
+    weight file there (the rule before --variant existed, so shards built then still match), or with `variant`
+    only that variant's files, so a teacher loaded as its fp16 variant is another teacher than its plain one."""
     digest = hashlib.sha256()
     for component in COMPONENTS:
         folder = root / component
-        for f in sorted(folder.iterdir()) if folder.is_dir() else []:
+        files = sorted(folder.iterdir()) if folder.is_dir() else []
+        chosen = weight_files(folder).get(variant, []) if variant is not None and component in MODEL_CLASSES else None
+        for f in files:
+            if chosen is not None and (_INDEX.search(f.name) or f.suffix in WEIGHT_SUFFIXES) and f not in chosen:
+                continue  # another variant's weights or shard index
             if f.suffix == ".json":
-                content = json.dumps(json.loads(f.read_text()), sort_keys=True).encode()
+                content = json.dumps(_read_json(f), sort_keys=True).encode()
                 digest.update(f"{component}/{f.name}:{hashlib.sha256(content).hexdigest()}\n".encode())
-            elif f.suffix in WEIGHT_SUFFIXES or f.name in ("vocab.json", "merges.txt"):
+            elif f.suffix in WEIGHT_SUFFIXES or f.name == "merges.txt":
                 digest.update(f"{component}/{f.name}:{sha256_file(f)}\n".encode())
     return digest.hexdigest()
 
@@ -84,6 +145,7 @@ class Teacher:
     scheduler_config: dict
     fingerprint: str
     root: Path
+    variants: dict[str, str | None] = field(default_factory=dict)  # component -> weight variant (None: plain)
 
     def __post_init__(self) -> None:
         for module in (m for m in (self.unet, self.vae, self.text_encoder) if m is not None):
@@ -143,9 +205,34 @@ class Teacher:
         return eps[:batch], eps[batch:]
 
 
-def load_unet(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    """The UNet of a StableDiffusionPipeline folder, from local files only."""
-    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, torch_dtype=dtype)
+def _cause(error: BaseException) -> str:
+    """The library's first line, and that of the error it wrapped when there is one (a truncated file's)."""
+    inner = error
+    while (deeper := inner.__cause__ or inner.__context__) is not None:
+        inner = deeper
+    return one_line(error) if inner is error else f"{one_line(error)} ({one_line(inner)})"
+
+
+def _from_pretrained(cls, root: Path, component: str, **kwargs):
+    """`cls.from_pretrained` of one component folder, local files only; a failure is one line naming it."""
+    try:
+        return cls.from_pretrained(root, subfolder=component, local_files_only=True, **kwargs)
+    except LOAD_ERRORS as error:
+        variant = f" (variant {kwargs['variant']})" if kwargs.get("variant") else ""
+        raise UserError(f"cannot load {root / component}{variant}: {_cause(error)}") from None
+
+
+def load_model(root: Path, component: str, dtype: torch.dtype, variant: str | None) -> torch.nn.Module:
+    """The vae, text_encoder or unet of a StableDiffusionPipeline folder in `dtype`, whatever dtype its files
+    hold, from the given weight variant (None: the plain weights)."""
+    return _from_pretrained(MODEL_CLASSES[component], Path(root), component, torch_dtype=dtype, variant=variant)
+
+
+def load_unet(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
+              variant: str | None = None) -> UNet2DConditionModel:
+    """The UNet of a StableDiffusionPipeline folder, from local files only: `variant`, or what the folder has
+    (see component_variant)."""
+    return load_model(Path(folder), "unet", dtype, component_variant(Path(folder) / "unet", variant))
 
 
 def quiet_library_progress() -> None:
@@ -159,29 +246,31 @@ def quiet_library_progress() -> None:
 
 def load_teacher(
     teacher: str | os.PathLike, dtype: str = "fp32", device: str | torch.device = "cpu", with_unet_and_vae: bool = True,
-    with_fingerprint: bool = True,
+    with_fingerprint: bool = True, variant: str | None = None,
 ) -> Teacher:
-    """Load the components from local files only; a missing file is one clear UserError. Without
+    """Load the components from local files only, every one in `dtype`; a missing or unreadable file is one clear
+    UserError. `variant` (e.g. "fp16") picks weight files saved with `save_pretrained(variant=...)`; without it
+    each component loads its plain weights, or its only variant (see component_variant). Without
     `with_fingerprint` (sampling only) the weights are not hashed and `fingerprint` is ""."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     root = resolve_teacher_dir(teacher)
-    check_teacher_files(root)
+    variants = check_teacher_files(root, variant)
     quiet_library_progress()
     torch_dtype = DTYPES[dtype]
-    kwargs = {"local_files_only": True, "torch_dtype": torch_dtype}
-    scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
     unet = vae = None
     if with_unet_and_vae:
-        unet = load_unet(root, torch_dtype).to(device)
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kwargs).to(device)
+        unet = load_model(root, "unet", torch_dtype, variants["unet"]).to(device)
+        vae = load_model(root, "vae", torch_dtype, variants["vae"]).to(device)
     return Teacher(
         unet=unet,
         vae=vae,
-        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kwargs).to(device),
-        tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
+        text_encoder=load_model(root, "text_encoder", torch_dtype, variants["text_encoder"]).to(device),
+        tokenizer=_from_pretrained(CLIPTokenizer, root, "tokenizer"),
         schedule=NoiseSchedule.from_scheduler_config(scheduler_config),
         scheduler_config=scheduler_config,
-        fingerprint=teacher_fingerprint(root) if with_fingerprint else "",
+        fingerprint=teacher_fingerprint(root, variant) if with_fingerprint else "",
         root=root,
+        variants=variants,
     )

@@ -9,10 +9,11 @@ from pathlib import Path
 import click
 
 from diffusion.cli import config_option, dataclass_option, run_group
-from diffusion.teacher import DTYPES
+from diffusion.teacher import DTYPES, VARIANT_HELP
 from evaluation.coco30k import EvalConfig
 
 option = dataclass_option(EvalConfig)
+TEACHER_VARIANT_HELP = VARIANT_HELP + " Teachers only: a student loads what its folder has."
 
 
 def model_options(function):
@@ -26,6 +27,7 @@ def model_options(function):
         option("classifier_guidance", "Teacher only: clip, blue or MODULE:FUNCTION guidance instead of CFG."),
         option("sampler", "Progressive students: deterministic DDIM on their grid, or Meng et al.'s stochastic "
                "sampler.", type=click.Choice(["ddim", "stochastic"])),
+        option("variant", TEACHER_VARIANT_HELP),
     ]):
         function = decorator(function)
     return function
@@ -109,8 +111,8 @@ def render(**options) -> None:
 @option("num_inference_steps", "Sampling steps (a one-step or progressive student takes its own).", type=int)
 @option("dtype", "Compute dtype of the models.", type=click.Choice(sorted(DTYPES)))
 @option("resolution", "Image side in pixels [the model's].", type=int)
-def generate(model, guidance_scale, classifier_guidance, sampler, prompt, seed, out, num_inference_steps, dtype,
-             resolution) -> None:
+def generate(model, guidance_scale, classifier_guidance, sampler, variant, prompt, seed, out, num_inference_steps,
+             dtype, resolution) -> None:
     """One image for one prompt and seed, with any model: a one-step generator, a student or a teacher.
 
     The same noise and sampler as `evaluation render` image 0 with --seed SEED, so the two agree."""
@@ -118,7 +120,7 @@ def generate(model, guidance_scale, classifier_guidance, sampler, prompt, seed, 
     from evaluation.render import Renderer, save_png
 
     spec = model_spec(EvalConfig(model=model, out="", guidance_scale=guidance_scale,
-                                 classifier_guidance=classifier_guidance, sampler=sampler))
+                                 classifier_guidance=classifier_guidance, sampler=sampler, variant=variant))
     renderer = Renderer(spec, num_inference_steps, dtype, resolution=resolution)
     (image,) = renderer.render([prompt], [seed])
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +152,7 @@ def coco30k(**options) -> None:
 @click.option("--teacher", required=True, help="The teacher folder.")
 @click.option("--scales", default="1,1.5,2,3,4,5,6,7,8", show_default=True, help="Teacher CFG scales.")
 @click.option("--model", "models", multiple=True, help="A student as PATH or PATH@cfg=W (repeatable).")
+@option("variant", VARIANT_HELP)
 @option("out", "Output folder: one sub-folder per point, sweep.csv, sweep.png.", required=True,
         type=click.Path(file_okay=False))
 @metric_options
@@ -175,17 +178,19 @@ def sweep(teacher: str, scales: str, models: tuple[str, ...], **options) -> None
 @click.option("--repeats", default=3, show_default=True, help="Timed batches per model (the median is kept).")
 @click.option("--prompt", default="a photograph of an astronaut riding a horse", show_default=True)
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(sorted(DTYPES)))
+@click.option("--variant", default=None, help=TEACHER_VARIANT_HELP)
 @click.option("--clip-model", default="ViT-g-14", show_default=True)
 @click.option("--clip-weights", default=None, type=click.Path(dir_okay=False))
-def speed(models, out, batch_size, num_inference_steps, repeats, prompt, dtype, clip_model, clip_weights) -> None:
+def speed(models, out, batch_size, num_inference_steps, repeats, prompt, dtype, variant, clip_model,
+          clip_weights) -> None:
     """Time per step, time per image and peak memory of each model, side by side, with ratios."""
     import torch
 
-    from evaluation.models import parse_model_arg
+    from evaluation.models import parse_model_arg, with_variant
     from evaluation.speed import add_ratios, bar_chart, format_table, measure_in_fresh_process
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    specs = [parse_model_arg(m) for m in models]
+    specs = with_variant([parse_model_arg(m) for m in models], variant)
     results = add_ratios([measure_in_fresh_process(spec, [prompt] * batch_size, num_inference_steps, repeats, dtype, device,
                                   clip_model, clip_weights) for spec in specs])
     folder = Path(out)

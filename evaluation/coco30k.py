@@ -18,7 +18,7 @@ from accelerate import PartialState
 from diffusion.errors import UserError
 from evaluation.coco import prepare_256, prompts_sha256, reference_images, write_prompts
 from evaluation.metrics import blue_fraction, feature_statistics, frechet_distance, precision_recall
-from evaluation.models import describe_model, parse_model_arg
+from evaluation.models import describe_model, parse_model_arg, with_variant
 from evaluation.prompt_list import PromptSelection, select_prompts
 from evaluation.reference import reference_features, reference_statistics, reference_subset
 from evaluation.render import Renderer, load_images, render_prompts
@@ -53,6 +53,7 @@ class EvalConfig:
     batch_size: int = 8
     seed: int = 0
     dtype: str = "fp32"
+    variant: str | None = None  # the teacher's weight variant (e.g. fp16) [what its folder has]
     cache_dir: str = str(DEFAULT_CACHE)
 
     def metric_list(self) -> list[str]:
@@ -174,8 +175,10 @@ def evaluate_spec(spec, prompts: list[str], source: str, out: Path, cfg: EvalCon
 def model_spec(cfg: EvalConfig):
     """--model PATH with --guidance-scale / --classifier-guidance, or the PATH@cfg=S / PATH@blue=G shorthand."""
     if "@" in cfg.model:
-        return parse_model_arg(cfg.model)
-    return describe_model(cfg.model, cfg.guidance_scale, cfg.classifier_guidance, cfg.sampler)
+        spec = parse_model_arg(cfg.model)
+    else:
+        spec = describe_model(cfg.model, cfg.guidance_scale, cfg.classifier_guidance, cfg.sampler)
+    return with_variant([spec], cfg.variant)[0]
 
 
 def run_coco30k(cfg: EvalConfig) -> dict | None:

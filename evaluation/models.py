@@ -12,18 +12,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from diffusion.errors import UserError
+from diffusion.errors import UserError, one_line
 from diffusion.guidance import COEFFICIENTS, DEFAULT_COEFFICIENT
-from diffusion.teacher import DTYPES, quiet_library_progress, resolve_teacher_dir
+from diffusion.teacher import (DTYPES, LOAD_ERRORS, check_teacher_files, load_model, quiet_library_progress,
+                               resolve_teacher_dir)
 from trainer.export import read_distillation
 
 DEFAULT_TEACHER_SCALE = 7.5
 ONE_STEP_KINDS = ("sid-lsg",)
+TEACHER_KINDS = ("teacher", "teacher-classifier")
 SAMPLERS = ("ddim", "stochastic")
 
 
@@ -37,6 +39,7 @@ class ModelSpec:
     steps: int | None = None  # few-step students: they sample on their own grid, in this many steps
     sampler: str = "ddim"  # few-step students: "ddim" (deterministic) or "stochastic" (Meng et al.)
     coefficient: str = DEFAULT_COEFFICIENT  # classifier-guided teacher: c_t in eps + gamma c_t grad
+    variant: str | None = None  # a teacher's weight variant (--variant); None: what each component folder has
 
     @property
     def one_step(self) -> bool:
@@ -59,7 +62,8 @@ class ModelSpec:
     def to_dict(self) -> dict:
         return {"folder": str(self.folder), "kind": self.kind, "guidance_scale": self.guidance_scale,
                 "classifier_guidance": self.classifier_guidance, "t_init": self.t_init, "steps": self.steps,
-                "sampler": self.sampler, "coefficient": self.coefficient, "label": self.label}
+                "sampler": self.sampler, "coefficient": self.coefficient, "variant": self.variant,
+                "label": self.label}
 
 
 def describe_model(model: str, guidance_scale: float | None = None, classifier_guidance: str | None = None,
@@ -109,6 +113,20 @@ def describe_model(model: str, guidance_scale: float | None = None, classifier_g
     raise UserError(f"{folder}: cannot render a {method!r} model yet")
 
 
+def with_variant(specs: list[ModelSpec], variant: str | None) -> list[ModelSpec]:
+    """--variant: the weight variant of the teachers among `specs` (checked now, one line if a file is missing);
+    a student's folder always loads what it has. An error when none of them is a teacher."""
+    if variant is None:
+        return specs
+    if not any(spec.kind in TEACHER_KINDS for spec in specs):
+        raise UserError(f"--variant applies to a teacher; {specs[0].folder} is a {specs[0].kind} student (a student "
+                        "loads what its folder has)")
+    for spec in specs:
+        if spec.kind in TEACHER_KINDS:
+            check_teacher_files(spec.folder, variant)
+    return [replace(spec, variant=variant) if spec.kind in TEACHER_KINDS else spec for spec in specs]
+
+
 def load_pipeline(spec: ModelSpec, dtype: str, device: torch.device):
     """StableDiffusionPipeline from local files, progress bars off (ours counts images)."""
     from diffusers import StableDiffusionPipeline
@@ -116,8 +134,14 @@ def load_pipeline(spec: ModelSpec, dtype: str, device: torch.device):
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     quiet_library_progress()
-    pipe = StableDiffusionPipeline.from_pretrained(spec.folder, torch_dtype=DTYPES[dtype], local_files_only=True,
-                                                   safety_checker=None, requires_safety_checker=False)
+    variants = check_teacher_files(spec.folder, spec.variant)  # each part in `dtype`, whatever its files hold
+    parts = {name: load_model(spec.folder, name, DTYPES[dtype], variant) for name, variant in variants.items()}
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(spec.folder, **parts, torch_dtype=DTYPES[dtype],
+                                                       local_files_only=True, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except LOAD_ERRORS as error:
+        raise UserError(f"cannot load {spec.folder}: {one_line(error)}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -18,8 +18,8 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffusion.errors import UserError
 from diffusion.launch import check_world_size
+from diffusion.resolution import check_resolution, vae_factor
 from diffusion.samplers import initial_noise
 from evaluation.models import ModelSpec, load_pipeline
 
@@ -50,17 +50,16 @@ class Renderer:
             from diffusion.classifier_guidance import resolve_guidance
             from diffusion.teacher import load_teacher
 
-            self.teacher = load_teacher(spec.folder, dtype, self.device, with_fingerprint=False)
+            self.teacher = load_teacher(spec.folder, dtype, self.device, with_fingerprint=False, variant=spec.variant)
             self.loss = resolve_guidance(spec.classifier_guidance, clip_model=clip_model, clip_weights=clip_weights,
                                          device=self.device).loss
             self.unet, self.vae = self.teacher.unet, self.teacher.vae
         else:
             self.pipe = load_pipeline(spec, dtype, self.device)
             self.unet, self.vae = self.pipe.unet, self.pipe.vae
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.resolution = resolution or self.unet.config.sample_size * factor
-        if self.resolution % factor:
-            raise UserError(f"--resolution {self.resolution} is not a multiple of the VAE's factor {factor}")
+        factor = vae_factor(spec.folder)
+        self.resolution = resolution or self.unet.config.sample_size * factor  # a student's: its training side
+        check_resolution(self.resolution, spec.folder)
         side = self.resolution // factor
         self.latent_shape = (self.unet.config.in_channels, side, side)
 

@@ -7,7 +7,7 @@ import csv
 import re
 from pathlib import Path
 
-from evaluation.models import ModelSpec, describe_model
+from evaluation.models import ModelSpec, describe_model, with_variant
 
 
 def teacher_points(teacher: str, scales: list[float]) -> list[ModelSpec]:
@@ -56,7 +56,7 @@ def run_sweep(cfg, teacher: str, scales: list[float], students: list[str]) -> li
     from evaluation.coco30k import build_evaluators, evaluate_spec, load_prompt_list
     from evaluation.models import parse_model_arg
 
-    specs = teacher_points(teacher, scales) + [parse_model_arg(s) for s in students]
+    specs = with_variant(teacher_points(teacher, scales), cfg.variant) + [parse_model_arg(s) for s in students]
     prompts, source = load_prompt_list(cfg)
     state = PartialState(cpu=not torch.cuda.is_available())
     evaluators = build_evaluators(cfg, ["fid", "clip"], state.device) if state.is_main_process else {}

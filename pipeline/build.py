@@ -21,6 +21,7 @@ from diffusion.classifier_guidance import GRADIENT_IMAGES, resolve_guidance
 from diffusion.errors import UserError
 from diffusion.guidance import COEFFICIENTS, DEFAULT_COEFFICIENT
 from diffusion.launch import check_world_size
+from diffusion.resolution import check_resolution
 from diffusion.teacher import load_teacher
 from pipeline.images import Skip, prepare
 from pipeline.output import OutputFolder
@@ -52,10 +53,11 @@ class BuildConfig:
     min_image_size: int | None = None  # default: resolution // 2
     file_column: str = "file"
     caption_column: str = "caption"
+    variant: str | None = None  # the teacher's weight variant (e.g. fp16) [what its folder has]
 
     def validate(self, teacher) -> None:
         num_timesteps = teacher.schedule.num_timesteps
-        teacher.latent_shape(self.resolution)  # raises if the VAE can't map this resolution to latents
+        check_resolution(self.resolution, teacher.root)
         if not 0 <= self.t_min <= self.t_max < num_timesteps:
             raise UserError(f"need 0 <= --t-min <= --t-max < {num_timesteps}; got {self.t_min}, {self.t_max}")
         for name in ("resolution", "batch_size", "shard_size"):
@@ -125,7 +127,7 @@ def _identity(cfg: BuildConfig, fingerprint: str, guidance, units) -> dict[str, 
     """Everything that determines the records (not the batch size, nor paths whose content is hashed, nor the
     coefficient fit is told to use); for classifier kinds, the images the loss saw (no clamp since it was
     recorded: a folder built with the clamp is not resumed)."""
-    ignored = ("out", "batch_size", "teacher", "clip_model", "clip_weights", "guidance_coefficient")
+    ignored = ("out", "batch_size", "teacher", "clip_model", "clip_weights", "guidance_coefficient", "variant")
     settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
     images = {"gradient_images": GRADIENT_IMAGES} if guidance.kind == "classifier" else {}
     return {**settings, **images, "schema_version": SCHEMA_VERSION, "teacher_fingerprint": fingerprint,
@@ -154,7 +156,7 @@ def _dataset_info(cfg: BuildConfig, teacher, guidance) -> dict[str, Any]:
     return {
         "kind": guidance.kind,
         "guidance": _guidance_info(cfg, guidance),
-        "teacher": {"fingerprint": teacher.fingerprint, "source": str(cfg.teacher)},
+        "teacher": {"fingerprint": teacher.fingerprint, "source": str(cfg.teacher), "variants": teacher.variants},
         "tensors": list(tensor_names(guidance.kind, cfg.store_clean)),
         "resolution": cfg.resolution,
         "latent_shape": list(teacher.latent_shape(cfg.resolution)),
@@ -175,7 +177,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     check_world_size(state.num_processes)
     guidance = resolve_guidance(cfg.guidance, clip_model=cfg.clip_model, clip_weights=cfg.clip_weights,
                                 device=state.device)
-    teacher = load_teacher(cfg.teacher, cfg.dtype, state.device)
+    teacher = load_teacher(cfg.teacher, cfg.dtype, state.device, variant=cfg.variant)
     cfg.validate(teacher)
     units = limit_units(list_units(cfg.source, cfg.shard_size, cfg.file_column, cfg.caption_column), cfg.samples)
     out = OutputFolder(cfg.out)

@@ -9,7 +9,7 @@ import click
 
 from diffusion.cli import config_option, run_group
 from diffusion.guidance import COEFFICIENTS
-from diffusion.teacher import DTYPES
+from diffusion.teacher import DTYPES, VARIANT_HELP
 
 
 @click.group(name="pipeline")
@@ -32,6 +32,7 @@ def cli() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="With the source key, fixes each sample's t and noise.")
 @click.option("--shard-size", default=1000, show_default=True, type=int, help="Records per output shard.")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(sorted(DTYPES)), help="Teacher compute dtype (stored tensors are float16).")
+@click.option("--variant", default=None, help=VARIANT_HELP)
 @click.option("--t-min", default=0, show_default=True, type=int)
 @click.option("--t-max", default=999, show_default=True, type=int)
 @click.option("--store-clean", is_flag=True, help="Also store the clean latent z0 and the added noise.")

@@ -1,8 +1,9 @@
 """Turn a raw source sample into model input, or the reason it is skipped.
 
-Images: any mode PIL reads (CMYK, grayscale, palette, alpha composited on white) becomes RGB, centre-cropped
-to a square and resized to the resolution with LANCZOS; below `min_size` on the short side it is skipped.
-Captions: UTF-8, stripped, non-empty.
+Images: any mode PIL reads (CMYK, grayscale, palette, alpha composited on white, 16-bit and float grayscale
+scaled to 8 bits) becomes RGB, centre-cropped to a square and resized to the resolution with LANCZOS; below
+`min_size` on the short side, or above Image.MAX_IMAGE_PIXELS, it is skipped.
+Captions: UTF-8 or UTF-16 (diffusion.text_files), stripped, non-empty.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from diffusion.text_files import decode_text
 from pipeline.sources import RawSample
 
 Image.MAX_IMAGE_PIXELS = 8192 * 8192
@@ -27,7 +29,7 @@ def decode_caption(caption: bytes | None) -> str:
     if caption is None:
         raise Skip("missing_caption")
     try:
-        text = caption.decode("utf-8").strip()
+        text = decode_text(caption).strip()
     except UnicodeDecodeError:
         raise Skip("caption_not_utf8") from None
     if not text:
@@ -35,7 +37,24 @@ def decode_caption(caption: bytes | None) -> str:
     return text
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A high-bit-depth grayscale image as "L": 16-bit modes (I;16, I;16B, I;16L) scaled by 255/65535; "I" the
+    same when its values fit 0..65535, else scaled so its maximum is 255; "F" read as 0..1 when its maximum is at
+    most 1, else as 0..65535. Negatives (and NaN) become 0. PIL's own convert clips to 0..255 instead."""
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    peak = values.max(initial=0.0)
+    if image.mode == "F" and peak <= 1.0:
+        full_scale = 1.0
+    elif image.mode == "I" and peak > 65535:
+        full_scale = peak
+    else:
+        full_scale = 65535.0
+    return Image.fromarray(np.round(np.clip(values / full_scale, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I") or image.mode == "F":
+        image = to_8bit(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -53,6 +72,8 @@ def decode_image(data: bytes | None, resolution: int, min_size: int) -> tuple[to
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise Skip("image_too_large") from None
     except Exception:  # PIL raises many types for truncated, corrupt or non-image bytes
         raise Skip("unreadable_image") from None
     if min(image.size) < min_size:

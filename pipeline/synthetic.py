@@ -1,7 +1,9 @@
 """Write a small img2dataset-style source (tars of KEY.jpg/png + KEY.txt + KEY.json, with parquet and stats),
-of coloured shapes with captions, optionally with every kind of bad input the builder must survive.
+of coloured shapes with captions, optionally with every kind of bad input the builder must survive; and
+`damaged_tars`, the broken tar files users download (empty, not a tar, cut short, repeated keys, oversized and
+16-bit images, captions in other encodings), each with what the build counts for it.
 
-The demo uses it until the digits world exists; the tests use it with `bad_inputs=True`.
+The tests use both; the demo's input check builds from both and reports the counts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import random
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
@@ -104,3 +107,67 @@ def _write_truncated_tar(path: Path, size: int, rng: random.Random) -> None:
     data = buffer.getvalue()
     cut = data.find(b"trunc0002.jpg") + 512 + 100  # past the header, inside the image data
     path.write_bytes(data[:cut])
+
+
+CAPTION = b"a grey square"
+GREY_PNG_SIDE = 32
+
+
+def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            _add(tar, name, data)
+    return buffer.getvalue()
+
+
+def _cut_after(data: bytes, member: str) -> bytes:
+    """The tar cut on the 512-byte boundary right after `member`'s data: no later member, no end blocks."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        info = tar.getmember(member)
+    return data[: info.offset_data + -(-info.size // 512) * 512]
+
+
+def gradient_16bit(size: int = GREY_PNG_SIDE) -> tuple[Image.Image, np.ndarray]:
+    """(a 16-bit grayscale image whose columns go 0..65535, the same gradient in 8 bits)."""
+    columns = np.arange(size) / (size - 1)
+    wide = np.tile(np.round(columns * 65535).astype(np.uint16), (size, 1))
+    return Image.fromarray(wide), np.tile(np.round(columns * 255), (size, 1))
+
+
+GREY_PNG = _encode(Image.new("RGB", (GREY_PNG_SIDE, GREY_PNG_SIDE), (90, 90, 90)), "PNG")
+
+
+def damaged_tars() -> list[tuple[str, bytes, dict[str, int]]]:
+    """(tar name, its bytes, what a build counts for it: "records" and skips by reason); deterministic."""
+    grey, caption = GREY_PNG, CAPTION
+    return [
+        ("empty", b"", {"empty_tar": 1}),
+        ("no_members", _tar_bytes([]), {"empty_tar": 1}),
+        ("junk", random.Random(0).randbytes(3000), {"not_a_tar": 1}),
+        ("cut_on_boundary", _cut_after(_tar_bytes([("a.png", grey), ("a.txt", caption), ("b.png", grey),
+                                                   ("b.txt", caption)]), "b.png"), {"records": 1, "truncated_tar": 1}),
+        ("repeated_key", _tar_bytes([("a.png", grey), ("a.txt", caption), ("b.png", grey), ("b.txt", caption),
+                                     ("a.png", grey), ("a.txt", b"again")]), {"records": 2, "duplicate_key": 1}),
+        ("too_large", _tar_bytes([("big.png", _encode(Image.new("L", (9000, 9000)), "PNG")), ("big.txt", caption)]),
+         {"image_too_large": 1}),
+        ("sixteen_bit", _tar_bytes([("g.png", _encode(gradient_16bit()[0], "PNG")), ("g.txt", caption)]),
+         {"records": 1}),
+        ("captions", _tar_bytes([("u16.png", grey), ("u16.txt", "café".encode("utf-16")),
+                                 ("u16le.png", grey), ("u16le.txt", "café".encode("utf-16-le")),
+                                 ("bom.png", grey), ("bom.txt", "\ufeffcafé".encode("utf-8")),
+                                 ("latin1.png", grey), ("latin1.txt", "café".encode("latin-1"))]),
+         {"records": 3, "caption_not_utf8": 1}),
+    ]
+
+
+def write_damaged_tars(folder: str | Path) -> dict[str, int]:
+    """damaged_tars() as FOLDER/NAME.tar; returns the counts a build of them gives, summed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    total: dict[str, int] = {}
+    for name, data, counts in damaged_tars():
+        (folder / f"{name}.tar").write_bytes(data)
+        for reason, n in counts.items():
+            total[reason] = total.get(reason, 0) + n
+    return total

@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffusion.errors import UserError
+from diffusion.errors import UserError, one_line
 from diffusion.guidance import DEFAULT_COEFFICIENT
 from shards.format import SCHEMA_VERSION
 from shards.writer import ShardInfo, atomic_write_bytes, atomic_write_json
@@ -33,7 +33,10 @@ def read_manifest(folder: str | Path) -> list[ShardInfo]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise UserError(f"{path} is missing: not a finished shard folder (run `pipeline build-shards` to completion)")
-    return [ShardInfo(**row) for row in pq.read_table(path).to_pylist()]
+    try:
+        return [ShardInfo(**row) for row in pq.read_table(path).to_pylist()]
+    except (pa.ArrowException, OSError, TypeError) as error:  # not parquet, or not our columns
+        raise UserError(f"{path} is unreadable ({one_line(error)})") from None
 
 
 def write_dataset_info(folder: str | Path, info: dict[str, Any]) -> None:
@@ -44,7 +47,13 @@ def read_dataset_info(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / DATASET_JSON
     if not path.is_file():
         raise UserError(f"{path} is missing: not a finished shard folder (run `pipeline build-shards` to completion)")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, OSError) as error:  # not JSON, or not UTF-8
+        raise UserError(f"{path} is unreadable ({one_line(error)})") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path} is unreadable (a JSON {type(info).__name__}, not an object)")
+    return info
 
 
 def recorded_coefficient(info: dict[str, Any]) -> str:

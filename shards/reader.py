@@ -19,9 +19,37 @@ from typing import Any, Iterator
 import torch
 import webdataset as wds
 
-from diffusion.errors import UserError
+from diffusion.errors import UserError, one_line
 from shards.format import Record
 from shards.manifest import check_compatible, read_dataset_info, read_manifest
+
+
+class UnreadableShard(UserError):
+    """A shard that fails while being read (truncated, replaced, a record that does not decode), named.
+
+    Raised in a DataLoader worker, it reaches the main process re-created by torch from its traceback text
+    ("Caught UnreadableShard in DataLoader worker ..."); the constructor keeps just the line naming the shard.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message.strip().splitlines()[-1].rpartition(f"{UnreadableShard.__name__}: ")[2])
+
+
+def describe(error: BaseException) -> str:
+    """One line for an error met reading a shard, without the stream webdataset appends (' @ <stream>')."""
+    return one_line(error).split(" @ <", 1)[0]
+
+
+def shard_samples(url: str) -> Iterator[dict[str, Any]]:
+    """The WebDataset samples of one shard; any failure to read it is an UnreadableShard naming it."""
+    try:
+        yield from wds.tarfile_samples([{"url": url}])
+    except Exception as error:
+        raise _unreadable(url, "is unreadable", error) from error
+
+
+def _unreadable(url: str, what: str, error: BaseException) -> UnreadableShard:
+    return UnreadableShard(f"shard {url} {what} ({describe(error)}); run `pipeline inspect {Path(url).parent}`")
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -72,7 +100,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         return [str(self.folder / s.file) for s in theirs[worker_id]], max(quota, 0)
 
     def _shuffled(self, urls, rng: random.Random) -> Iterator[dict[str, Any]]:
-        samples = wds.tarfile_samples({"url": url} for url in urls)
+        samples = itertools.chain.from_iterable(map(shard_samples, urls))
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
         return samples
@@ -90,6 +118,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def _as_item(sample: dict[str, Any]) -> dict[str, Any]:
-    record = Record.decode(sample)
+    try:
+        record = Record.decode(sample)
+    except Exception as error:
+        raise _unreadable(sample["__url__"], f"holds a record that does not decode, {sample['__key__']}",
+                          error) from error
     return {"key": record.key, "t": torch.tensor(record.t), "caption": record.caption, "meta": record.meta,
             **record.tensors}

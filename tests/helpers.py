@@ -120,3 +120,18 @@ def assert_images_close(a: list, b: list, max_fraction: float = 1e-3) -> None:
     differing = (difference.max(axis=-1) > 0).mean()
     assert differing < max_fraction, f"{differing:.3%} of pixels differ"
 
+
+
+def add_shard_copy(folder: Path, name: str, index: int = 0) -> None:
+    """Damage a shard folder consistently: a copy of its shard `index` listed as `name`, in the manifest and in
+    dataset.json's count, so sizes and sha256 all match but every key of that shard is there twice."""
+    import dataclasses
+    import shutil
+
+    from shards.manifest import read_dataset_info, read_manifest, write_dataset_info, write_manifest
+
+    shards = read_manifest(folder)
+    shutil.copy(folder / shards[index].file, folder / name)
+    write_manifest(folder, shards + [dataclasses.replace(shards[index], file=name)])
+    info = read_dataset_info(folder)
+    write_dataset_info(folder, {**info, "samples": info["samples"] + shards[index].samples})

@@ -153,7 +153,7 @@ def test_folder_and_table_sources(tmp_path, teacher_dir):
     assert main(build_args(teacher_dir, folder / "captions.csv", tmp_path / "out2")) == 0
     records = read_records(tmp_path / "out2")
     assert sorted(r.caption for r in records.values()) == ["two", "zero"]
-    assert read_dataset_info(tmp_path / "out2")["skipped"] == {"missing_image": 1}
+    assert read_dataset_info(tmp_path / "out2")["skipped"] == {"missing_file": 1}
 
 
 def test_glob_and_brace_sources(tmp_path, teacher_dir, clean_source):
@@ -166,7 +166,8 @@ def test_glob_and_brace_sources(tmp_path, teacher_dir, clean_source):
 @pytest.mark.parametrize("extra, message", [
     (["--guidance", "sharpness"], "unknown guidance 'sharpness'"),
     (["--t-min", "500", "--t-max", "100"], "--t-min <= --t-max"),
-    (["--resolution", "33"], "not a multiple of the VAE's factor"),
+    (["--resolution", "33"], "--resolution 33 is not a multiple of 8"),
+    (["--resolution", "36"], "--resolution 36 is not a multiple of 8"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, teacher_dir, clean_source, capsys, extra, message):
     assert main(build_args(teacher_dir, clean_source, tmp_path / "o", *extra)) == 2

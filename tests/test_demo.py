@@ -56,8 +56,14 @@ def test_train_and_eval_splits_are_disjoint():
 def test_report_has_every_section_and_grids(fast_demo):
     report = (fast_demo / "report.md").read_text()
     for heading in ("Table 5 of the seed", "One-step generation", "Fewer steps", "across CFG scales",
-                    "Blue-tone guidance", "Time and memory", "Samples", "w-distill's loss"):
+                    "Blue-tone guidance", "Time and memory", "Samples", "w-distill's loss", "Bad inputs"):
         assert heading in report
+    check = json.loads((fast_demo / "inputs-check.json").read_text())
+    assert set(check["dataset"]["skipped"]) == {
+        "unreadable_image", "image_too_small", "image_too_large", "missing_caption", "empty_caption",
+        "caption_not_utf8", "truncated_tar", "empty_tar", "not_a_tar", "duplicate_key"}
+    assert check["dataset"]["converted_image_modes"]["I;16"] == 1
+    assert not check["inspect_valid"] and check["fit_exit_code"] == 2 and "is damaged" in check["fit_error"][0]
     for loss in ("x0", "eps"):
         w_loss_row = next(line for line in report.splitlines() if line.startswith(f"| {loss},"))
         assert w_loss_row.count("|") == 6 and "|  |" not in w_loss_row  # digit-CLIP and -FID at w = 1 and 3

@@ -91,7 +91,7 @@ def test_num_images_below_one_is_refused(coco, tmp_path, num):
     ("image_id,text\n1,a\n", [], "has no column 'caption' (columns: image_id, text); pick one with --prompt-column"),
     ("image_id,caption\n1,a\n,b\n", [], "1 of 2 captions have no image_id"),
     ("image_id,caption\nx,a\n", [], "image_id 'x' of entry 0 is not an integer"),
-    (b"caf\xe9\n", [], "is not UTF-8 text"),
+    (b"caf\xe9\n", [], "is neither UTF-8 nor UTF-16 text"),
 ])
 def test_bad_prompt_lists_are_one_line_errors(teacher_dir, tmp_path, capsys, content, extra, message):
     path = tmp_path / ("list.csv" if isinstance(content, str) and "," in content else "list.txt")
@@ -167,7 +167,8 @@ def test_coco30k_records_pr_features_and_the_prompt_list(teacher_dir, coco, weig
     assert protocol["pr_features"] == "inception" and protocol["weights_sha256"] == {"pr": inception_sha256}
     assert protocol["prompt_list"] == {
         "kind": "file", "path": str(listing), "format": "csv", "sha256": hashlib.sha256(listing.read_bytes()).hexdigest(),
-        "count": 5, "empty_skipped": 0, "image_ids": True, "captions_in_coco": 2, "image_ids_in_coco": 3}
+        "count": 5, "empty_skipped": 0, "undecodable_skipped": 0, "image_ids": True, "captions_in_coco": 2,
+        "image_ids_in_coco": 3}
     assert "val2014" in protocol["reference_images"] and protocol["num_images"] == 4
     assert json.loads((out / "prompts.json").read_text())["image_ids"] == [1000, 1001, 1002, 5]
     extractor = InceptionFeatures(weights[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,3 +225,181 @@ def test_ctrl_c_writes_a_checkpoint_then_resume_finishes(teacher_dir, cfg_shards
     assert main([*args[:args.index("--max-steps")], "--max-steps", step + 2, "--resume", "latest",
                  *args[args.index("--max-steps") + 2:]]) == 0
     assert json.loads((out / "distillation.json").read_text())["steps"] == step + 2
+
+
+TWO_STEPS = ("--max-steps", 2, "--checkpoint-every", 1)
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory, teacher_dir, cfg_shards):
+    """A finished cfg-distill run of 2 steps, a checkpoint after each; tests work on copies of it."""
+    out = tmp_path_factory.mktemp("two-steps") / "run"
+    assert main(fit_args("cfg-distill", teacher_dir, cfg_shards, out, *TWO_STEPS)) == 0
+    return out
+
+
+def _copy_of(run, folder):
+    shutil.copytree(run, folder)
+    return folder
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble(path):
+    """Not JSON any more, with the same size (so only reading it finds the damage)."""
+    path.write_bytes(b"x" + path.read_bytes()[1:])
+
+
+def _truncate_without_marker(folder):
+    (folder / "checkpoint.json").unlink()  # as a checkpoint of an earlier version
+    _truncate(folder / "unet.safetensors")
+
+
+def _empty(folder):
+    shutil.rmtree(folder)
+    folder.mkdir()
+
+
+# damage -> (what it does to a checkpoint folder, what the warning says)
+DAMAGES = {
+    "truncated unet": (lambda f: _truncate(f / "unet.safetensors"), "unet.safetensors: "),
+    "truncated unet, no marker": (_truncate_without_marker, "unet.safetensors: Error while deserializing header"),
+    "bad trainer_state.json": (lambda f: _garble(f / "trainer_state.json"), "trainer_state.json: Expecting value"),
+    "bad optimizer.json": (lambda f: _garble(f / "optimizer.json"), "optimizer.json: Expecting value"),
+    "empty folder": (_empty, "trainer_state.json: missing"),
+    "missing part": (lambda f: (f / "optimizer.safetensors").unlink(), "optimizer.safetensors: missing"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_resume_latest_skips_a_damaged_checkpoint_for_the_one_before(two_steps, teacher_dir, cfg_shards, tmp_path,
+                                                                     capsys, damage):
+    out = _copy_of(two_steps, tmp_path / "run")
+    damaged = out / "checkpoints/step-00000002"
+    DAMAGES[damage][0](damaged)
+    shutil.rmtree(out / "unet")  # so the student compared below is this run's export
+    capsys.readouterr()
+    assert main(fit_args("cfg-distill", teacher_dir, cfg_shards, out, *TWO_STEPS, "--resume", "latest")) == 0
+    printed = capsys.readouterr().out.splitlines()
+    warnings = [line for line in printed if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: skipping {damaged} ({DAMAGES[damage][1]}")
+    assert warnings[0].endswith("; trying step-00000001")
+    assert f"resumed from {out / 'checkpoints/step-00000001'} at step 1" in printed
+    straight, resumed = _student_weights(two_steps), _student_weights(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # no part of the damaged one leaked in
+    assert (damaged / "checkpoint.json").is_file()  # written again, whole
+
+
+def test_resume_refuses_a_damaged_explicit_checkpoint_none_readable_and_another_run(two_steps, teacher_dir,
+                                                                                   cfg_shards, tmp_path, capsys):
+    out = _copy_of(two_steps, tmp_path / "run")
+    first, last = out / "checkpoints/step-00000001", out / "checkpoints/step-00000002"
+    size = (last / "unet.safetensors").stat().st_size
+    _truncate(last / "unet.safetensors")
+    assert main(fit_args("cfg-distill", teacher_dir, cfg_shards, out, *TWO_STEPS, "--resume", last)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"Error: --resume {last}: unet.safetensors: {size // 2} bytes, checkpoint.json says {size}"]
+    _garble(first / "trainer_state.json")
+    assert main(fit_args("cfg-distill", teacher_dir, cfg_shards, out, *TWO_STEPS, "--resume", "latest")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"Error: --resume latest: no checkpoint in {out / 'checkpoints'} "
+                                               "can be read: step-00000002 (unet.safetensors: ")
+    assert "; step-00000001 (trainer_state.json: Expecting value" in err[0]
+
+    legacy = _copy_of(two_steps, tmp_path / "legacy")
+    (legacy / "checkpoints/step-00000002/checkpoint.json").unlink()  # written before the marker: still resumes
+    assert main(fit_args("cfg-distill", teacher_dir, cfg_shards, legacy, *TWO_STEPS, "--resume", "latest")) == 0
+    assert f"resumed from {legacy / 'checkpoints/step-00000002'} at step 2" in capsys.readouterr().out
+    args = fit_args("cfg-distill", teacher_dir, cfg_shards, legacy, *TWO_STEPS, "--resume", "latest", "--seed", 1)
+    assert main(args) == 2  # another run is an error, never a damaged checkpoint to skip
+    captured = capsys.readouterr()
+    assert "step-00000002: this checkpoint is from another run (seed 0 -> 1)" in captured.err
+    assert "warning: skipping" not in captured.out
+
+
+def test_a_run_in_out_is_refused_unless_resumed_or_overwritten(two_steps, teacher_dir, cfg_shards, tmp_path,
+                                                               capsys):
+    out = _copy_of(two_steps, tmp_path / "run")
+    files = lambda: {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    assert main(fit_args("cfg-distill", teacher_dir, cfg_shards, out, *TWO_STEPS)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"Error: {out} holds a run (checkpoints up to step 2 and a finished student); pass --resume latest to "
+        "continue it or --overwrite to start over"]
+    assert files() == before  # the finished student and its checkpoints untouched
+    assert main(fit_args("cfg-distill", teacher_dir, cfg_shards, out, *TWO_STEPS, "--overwrite", "--resume",
+                         "latest")) == 2
+    assert "pass one of them, not both" in capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")
+    assert main(fit_args("cfg-distill", teacher_dir, cfg_shards, out, "--max-steps", 1, "--checkpoint-every", 1,
+                         "--overwrite")) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]  # the old run's step 2 is gone
+    assert json.loads((out / "distillation.json").read_text())["steps"] == 1
+    fresh, after_one = load_file(two_steps / "checkpoints/step-00000001/unet.safetensors"), _student_weights(out)
+    assert all(torch.equal(fresh[k], after_one[k]) for k in fresh)  # what a fresh 1-step run gives
+    assert (out / "notes.txt").read_text() == "mine"  # only what trainer fit writes is removed
+    teacher = _copy_of(teacher_dir, tmp_path / "teacher")  # --out the teacher's folder: never, even with --overwrite
+    assert main(fit_args("cfg-distill", teacher_dir, cfg_shards, teacher, *TWO_STEPS, "--overwrite")) == 2
+    assert "is a pipeline folder that no `trainer fit` run wrote" in capsys.readouterr().err
+
+
+def _shard_copy(cfg_shards, folder):
+    from shards.manifest import read_manifest
+
+    shutil.copytree(cfg_shards, folder)
+    return folder, read_manifest(folder)
+
+
+def test_a_truncated_or_deleted_shard_is_refused_before_any_step(teacher_dir, cfg_shards, tmp_path, capsys):
+    shards, manifest = _shard_copy(cfg_shards, tmp_path / "shards")
+    first, second = manifest[:2]
+    (shards / first.file).write_bytes((cfg_shards / first.file).read_bytes()[:8192])
+    assert main(fit_args("cfg-distill", teacher_dir, shards, tmp_path / "a", "--max-steps", 1)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"Error: --shards {shards} is damaged: {first.file}: 8192 bytes (manifest says {first.bytes}); "
+        f"run `pipeline inspect {shards}`"]
+    shutil.copy(cfg_shards / first.file, shards / first.file)
+    (shards / second.file).unlink()
+    assert main(fit_args("w-distill", teacher_dir, shards, tmp_path / "b", "--max-steps", 1)) == 2
+    assert f"is damaged: {second.file}: missing; run" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_verify_finds_a_flipped_byte_and_duplicate_keys_the_size_check_passes(teacher_dir, cfg_shards, tmp_path,
+                                                                              capsys):
+    from helpers import add_shard_copy
+
+    shards, manifest = _shard_copy(cfg_shards, tmp_path / "flipped")
+    data = bytearray((shards / manifest[0].file).read_bytes())
+    data[700] ^= 0xFF  # same size, inside the first record
+    (shards / manifest[0].file).write_bytes(bytes(data))
+    assert main(fit_args("cfg-distill", teacher_dir, shards, tmp_path / "a", "--max-steps", 1)) == 0
+    assert main(fit_args("cfg-distill", teacher_dir, shards, tmp_path / "b", "--max-steps", 1, "--verify")) == 2
+    assert f"is damaged: {manifest[0].file}: sha256 " in capsys.readouterr().err
+    twice, manifest = _shard_copy(cfg_shards, tmp_path / "twice")
+    add_shard_copy(twice, "zz-0000.tar", index=1)
+    assert main(fit_args("cfg-distill", teacher_dir, twice, tmp_path / "c", "--max-steps", 1, "--verify")) == 2
+    err = capsys.readouterr().err
+    assert "is damaged: zz-0000.tar: record " in err and f" again (first in {manifest[1].file}) (and " in err
+
+
+def test_verify_does_not_apply_to_sid_lsg(teacher_dir, tmp_path, capsys):
+    from helpers import sid_args
+
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    assert main(sid_args(teacher_dir, tmp_path / "prompts.txt", tmp_path / "sid", "--verify")) == 2
+    assert "--verify does not apply to --method sid-lsg" in capsys.readouterr().err
+
+
+def test_a_shard_that_passes_the_size_check_but_does_not_read_stops_with_one_line(teacher_dir, cfg_shards, tmp_path,
+                                                                                  capsys):
+    shards, manifest = _shard_copy(cfg_shards, tmp_path / "shards")
+    for shard in manifest:  # same sizes, random bytes: as if replaced after start-up
+        (shards / shard.file).write_bytes(os.urandom(shard.bytes))
+    assert main(fit_args("cfg-distill", teacher_dir, shards, tmp_path / "out", "--max-steps", 1)) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert "Traceback" not in err and last.startswith(f"Error: shard {shards}/") and last.endswith(
+        f".tar is unreadable (ReadError: invalid header); run `pipeline inspect {shards}`"), err

@@ -5,12 +5,16 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-from helpers import read_records
+import webdataset as wds
+from helpers import add_shard_copy, read_records
 
+from diffusion.files import sha256_file
 from pipeline.cli import main
-from shards.manifest import read_manifest
-from shards.writer import ShardWriter
+from shards.format import Record
+from shards.manifest import read_manifest, write_manifest
+from shards.writer import ShardInfo, ShardWriter
 
 
 def test_inspect_a_valid_folder_as_json(cfg_shards, capsys):
@@ -31,7 +35,7 @@ def test_inspect_finds_corrupt_and_missing_shards(cfg_shards, tmp_path, capsys):
     assert main(["inspect", str(copy)]) == 1
     out = capsys.readouterr().out
     assert "INVALID" in out
-    assert f"{shards[0].file}: size or sha256 differs" in out and f"{shards[1].file}: missing" in out
+    assert f"{shards[0].file}: sha256 " in out and f"{shards[1].file}: missing" in out
 
 
 def test_inspect_finds_nan(cfg_shards, tmp_path, capsys):
@@ -48,6 +52,77 @@ def test_inspect_finds_nan(cfg_shards, tmp_path, capsys):
     assert main(["inspect", str(copy), "--json"]) == 1
     problems = json.loads(capsys.readouterr().out)["problems"]
     assert any(p.endswith("/eps_cond: NaN or Inf") for p in problems)
+
+
+def _inspect(folder, capsys) -> tuple[int, str]:
+    """`pipeline inspect FOLDER`: its exit code and output; it must not crash, whatever the folder holds."""
+    code = main(["inspect", str(folder)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    return code, captured.out + captured.err
+
+
+def test_inspect_reports_a_truncated_tar_and_random_bytes_without_crashing(cfg_shards, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(cfg_shards, copy)
+    first, second = read_manifest(copy)[:2]
+    (copy / first.file).write_bytes((copy / first.file).read_bytes()[:30000])  # mid-record
+    (copy / second.file).write_bytes(np.random.default_rng(0).bytes(second.bytes))  # same size, not a tar
+    code, out = _inspect(copy, capsys)
+    assert code == 1 and "INVALID" in out
+    assert f"{first.file}: 30000 bytes (manifest says {first.bytes})" in out
+    assert f"{first.file}: unreadable after 1 records (ReadError: unexpected end of data)" in out
+    assert f"{second.file}: sha256 " in out and f"{second.file}: unreadable after 0 records (ReadError" in out
+
+
+def test_inspect_reports_duplicate_keys_in_a_shard_and_across_shards(cfg_shards, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(cfg_shards, copy)
+    shards = read_manifest(copy)
+    records = [Record.decode(s) for s in wds.tarfile_samples([{"url": str(copy / shards[0].file)}])]
+    writer = ShardWriter(copy / shards[0].file)
+    for record in [records[0]] + records[:-1]:  # the first record twice in a row, the count unchanged
+        writer.write(record)
+    write_manifest(copy, [writer.finish()] + shards[1:])
+    add_shard_copy(copy, "zz-copy-0000.tar", index=1)
+    copied = next(wds.tarfile_samples([{"url": str(copy / shards[1].file)}]))["__key__"]
+    code, out = _inspect(copy, capsys)
+    assert code == 1
+    duplicate = f"(ValueError: {records[0].key}.json: duplicate file name in tar file"
+    assert f"{shards[0].file}: unreadable after 0 records {duplicate}" in out
+    assert f"{copied}: 2 copies" in out
+
+
+def test_inspect_reports_a_record_that_does_not_decode(cfg_shards, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(cfg_shards, copy)
+    shards = read_manifest(copy)
+    samples = list(wds.tarfile_samples([{"url": str(copy / shards[0].file)}]))
+    samples[1]["safetensors"] = b"not safetensors"
+    samples[2]["json"] = b"{not json"
+    path = copy / shards[0].file
+    with wds.TarWriter(str(path), encoder=False) as tar:
+        for sample in samples:
+            tar.write({k: v for k, v in sample.items() if k != "__url__"})
+    write_manifest(copy, [ShardInfo(path.name, len(samples), path.stat().st_size, sha256_file(path))] + shards[1:])
+    code, out = _inspect(copy, capsys)
+    assert code == 1
+    assert f"{shards[0].file}: record {samples[1]['__key__']} does not decode (SafetensorError" in out
+    assert f"{shards[0].file}: record {samples[2]['__key__']} does not decode (JSONDecodeError" in out
+
+
+def test_unreadable_metadata_is_one_error_line(cfg_shards, tmp_path, capsys):
+    for name, content, message in [
+        ("dataset.json", b"{not json", "dataset.json is unreadable (JSONDecodeError: "),
+        ("dataset.json", b"[1, 2]", "dataset.json is unreadable (a JSON list, not an object)"),
+        ("manifest.parquet", b"PAR1 not parquet", "manifest.parquet is unreadable (Arrow"),
+    ]:
+        copy = tmp_path / f"copy-{len(content)}"
+        shutil.copytree(cfg_shards, copy)
+        (copy / name).write_bytes(content)
+        assert main(["inspect", str(copy)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
 
 
 @pytest.mark.parametrize("script", ["pipeline", "trainer", "evaluation"])

@@ -259,3 +259,35 @@ def test_torchrun_two_processes(w_student, cfg_shards, tmp_path):
     assert [r["global_batch_size"] for r in records] == [4, 4] and [r["round"] for r in records] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints/step-00000004").glob("rng-rank*.json")) == [
         "rng-rank0.json", "rng-rank1.json"]
+
+
+def test_a_round_in_out_is_refused_and_overwrite_never_removes_the_student(w_student, cfg_shards, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "prog"
+    (out / "round-02steps").mkdir(parents=True)
+    assert trainer_main(progressive_args(w_student, cfg_shards, out, "--start-steps", 4, "--end-steps", 1)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"Error: {out} holds a run (finished rounds round-02steps); pass --resume latest to continue it or "
+        "--overwrite to start over"]
+    student = shutil.copytree(w_student, out / "round-04steps")  # going on from a round, into its own OUT
+    assert trainer_main(progressive_args(student, cfg_shards, out, "--start-steps", 4, "--end-steps", 1,
+                                         "--overwrite")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--overwrite would remove {student}, and the run reads {student}" in err[0]
+    assert (student / "distillation.json").is_file() and (out / "round-02steps").is_dir()
+
+
+def test_damaged_shards_are_refused_before_any_round(w_student, cfg_shards, tmp_path, capsys):
+    import shutil
+
+    from shards.manifest import read_manifest
+
+    shards = tmp_path / "shards"
+    shutil.copytree(cfg_shards, shards)
+    shard = read_manifest(shards)[0]
+    (shards / shard.file).write_bytes((shards / shard.file).read_bytes()[:8192])
+    assert trainer_main(progressive_args(w_student, shards, tmp_path / "out", "--start-steps", 2)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"Error: --shards {shards} is damaged: {shard.file}: 8192 bytes (manifest says {shard.bytes}); "
+                   f"run `pipeline inspect {shards}`"]

@@ -58,3 +58,20 @@ def test_mismatched_teacher_kind_or_schema_is_refused_saying_what_differs(cfg_sh
     (tmp_path / "dataset.json").write_text(json.dumps({**info, "schema_version": 99}))
     with pytest.raises(UserError, match="schema_version 99"):
         ShardStream(tmp_path)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_shard_damaged_after_start_up_is_one_line_naming_it(cfg_shards, tmp_path, workers):
+    import shutil
+
+    from shards.manifest import read_manifest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cfg_shards, copy)
+    stream = ShardStream(copy, resampled=False, shuffle_buffer=4)
+    shard = read_manifest(copy)[0]
+    (copy / shard.file).write_bytes((copy / shard.file).read_bytes()[:30000])  # replaced after start-up
+    with pytest.raises(UserError) as error:
+        list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers))
+    assert str(error.value) == (f"shard {copy / shard.file} is unreadable (ReadError: unexpected end of data); "
+                                f"run `pipeline inspect {copy}`")

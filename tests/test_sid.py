@@ -294,3 +294,19 @@ def test_bf16_autocast_with_a_bf16_teacher_keeps_float32_weights(teacher_dir, pr
     assert record["skipped_optimizer_steps"] == record["cleaned_gradient_steps"] == 0
     config = json.loads((out / "checkpoints/step-00000002/trainer_state.json").read_text())["config"]
     assert config["teacher_precision"] == "bf16"
+
+
+def test_a_run_in_out_is_refused_and_overwrite_starts_over(teacher_dir, prompt_file, tmp_path, capsys):
+    out, common = tmp_path / "sid", ["--max-kimg", 0.002, "--ema-halflife-kimg", 0]
+    assert trainer_main(sid_args(teacher_dir, prompt_file, out, *common, "--grid-every-kimg", 0.002,
+                                 "--grid-prompts", 2)) == 0
+    first = load_file(out / "unet/diffusion_pytorch_model.safetensors")
+    capsys.readouterr()
+    assert trainer_main(sid_args(teacher_dir, prompt_file, out, *common)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"Error: {out} holds a run (checkpoints up to step 1 and a finished student); pass --resume latest to "
+        "continue it or --overwrite to start over"]
+    assert trainer_main(sid_args(teacher_dir, prompt_file, out, *common, "--overwrite")) == 0
+    assert list((out / "samples").iterdir()) == []  # the earlier run's grids went with it (this run draws none)
+    again = load_file(out / "unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first)  # a fresh start, not a resume

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from diffusion.errors import UserError
 from shards.reader import ShardStream
 from trainer.checkpoint import (
-    checkpoint_dir, list_checkpoints, load_state, prune_checkpoints, resolve_resume, rng_state, save_state,
+    checkpoint_dir, list_checkpoints, load_state, prune_checkpoints, resume_candidates, rng_state, save_state,
     set_rng_state,
 )
 from trainer.data import MicroBatches
@@ -53,18 +54,18 @@ def test_rng_state_round_trips(tmp_path):
 
 
 def test_checkpoint_listing_pruning_and_resume_paths(tmp_path):
-    assert resolve_resume(tmp_path, "latest") is None and resolve_resume(tmp_path, None) is None
+    assert resume_candidates(tmp_path, "latest") == [] and resume_candidates(tmp_path, None) == []
     for step in (5, 10, 15):
         folder = checkpoint_dir(tmp_path, step)
         folder.mkdir(parents=True)
         (folder / "trainer_state.json").write_text("{}")
     checkpoint_dir(tmp_path, 20).with_name("step-00000020.tmp").mkdir()  # an interrupted save
-    assert resolve_resume(tmp_path, "latest") == checkpoint_dir(tmp_path, 15)
+    assert resume_candidates(tmp_path, "latest") == [checkpoint_dir(tmp_path, s) for s in (15, 10, 5)]
     prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000010", "step-00000015"]
-    assert resolve_resume(tmp_path, str(checkpoint_dir(tmp_path, 10))) == checkpoint_dir(tmp_path, 10)
+    assert resume_candidates(tmp_path, str(checkpoint_dir(tmp_path, 10))) == [checkpoint_dir(tmp_path, 10)]
     with pytest.raises(UserError, match="not a checkpoint folder"):
-        resolve_resume(tmp_path, str(tmp_path / "nowhere"))
+        resume_candidates(tmp_path, str(tmp_path / "nowhere"))
 
 
 @pytest.mark.parametrize("resampled", [True, False])
@@ -95,3 +96,58 @@ def test_text_cache_encodes_each_caption_once():
     cache(["bb", "ccc"])  # "a" is the least recently used: evicted
     cache(["a"])
     assert calls[1:] == [["ccc"], ["a"]] and cache.encoded == 4
+
+
+def test_the_marker_lists_every_file_and_finds_a_truncated_one(tmp_path):
+    from trainer.checkpoint import DamagedCheckpoint, check_marker, check_state, write_marker
+
+    save_state(tmp_path, "rng", rng_state())
+    check_marker(tmp_path)  # no marker: a checkpoint of an earlier version, taken as complete
+    write_marker(tmp_path, 7)
+    marker = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert marker["step"] == 7 and sorted(marker["files"]) == ["rng.json", "rng.safetensors"]
+    check_marker(tmp_path)
+    data = (tmp_path / "rng.safetensors").read_bytes()
+    (tmp_path / "rng.safetensors").write_bytes(data[:-1])
+    with pytest.raises(DamagedCheckpoint, match=rf"^rng.safetensors: {len(data) - 1} bytes, checkpoint.json says"):
+        check_marker(tmp_path)
+    with pytest.raises(DamagedCheckpoint, match="^rng.safetensors: Error while deserializing header"):
+        check_state(tmp_path, "rng")
+
+
+def test_pruning_keeps_the_checkpoint_just_written_below_later_ones(tmp_path):
+    """After a resume skipped a damaged step 4 for step 2, writing step 3 with a limit of 1 keeps step 3."""
+    for step in (2, 3, 4):
+        checkpoint_dir(tmp_path, step).mkdir(parents=True)
+    prune_checkpoints(tmp_path, keep=1, newest=3)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+
+
+class _OneProcess:
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def print(self, *args):
+        print(*args)
+
+
+def test_overwrite_removes_only_what_a_run_writes(tmp_path):
+    from types import SimpleNamespace
+
+    from trainer.outdir import earlier_run, prepare_out
+
+    out = tmp_path / "out"
+    for folder in ("checkpoints/step-00000003", "checkpoints/step-00000004.tmp", "logs/fit", "round-02steps",
+                   "unet", "vae", "samples", "shards"):
+        (out / folder).mkdir(parents=True)
+    (out / "model_index.json").write_text(json.dumps({"_class_name": "x", "vae": ["diffusers", "AutoencoderKL"],
+                                                      "safety_checker": [None, None]}))
+    for name in ("distillation.json", "samples/kimg-0000000.000.png", "samples/mine.png", "notes.txt"):
+        (out / name).write_text("{}")
+    assert earlier_run(out) == "checkpoints up to step 4 and a finished student and finished rounds round-02steps"
+    prepare_out(SimpleNamespace(out=str(out), resume=None, overwrite=True), _OneProcess(), (str(out / "shards"),))
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert left == ["checkpoints", "notes.txt", "samples", "samples/mine.png", "shards"]
+    assert earlier_run(out) is None

@@ -11,7 +11,8 @@ from click.core import ParameterSource
 from diffusion.cli import config_option, dataclass_option, run_group
 from diffusion.errors import UserError
 from diffusion.guidance import COEFFICIENTS
-from trainer.config import LR_SCHEDULES, MIXED_PRECISION, SHARD_KIND, W_LOSSES, FitConfig, ProgressiveConfig
+from trainer.config import (LR_SCHEDULES, MIXED_PRECISION, SHARD_KIND, W_LOSSES, FitConfig, ProgressiveConfig,
+                            options_of_other_methods)
 from trainer.sid_config import SidConfig
 
 option = dataclass_option(FitConfig)
@@ -30,6 +31,8 @@ def cli() -> None:
 @config_option
 @option("method", "What to distil.", required=True, type=click.Choice(sorted(CONFIG_CLASS)))
 @option("teacher", "The teacher (the shards' own): StableDiffusionPipeline folder or cached hub id [all but progressive].")
+@option("variant", "The teacher's weight variant, e.g. fp16 for *.fp16.safetensors; the shards' teacher must be the "
+        "same files [per component: the plain weights, else the only variant there is; all but progressive].")
 @option("shards", "Shard folder from `pipeline build-shards` (cfg kind, or classifier kind for classifier-distill; "
         "progressive: built with --store-clean).")
 @option("out", "Output: a StableDiffusionPipeline folder + distillation.json, with checkpoints/ and logs/.", required=True, type=click.Path(file_okay=False))
@@ -58,7 +61,8 @@ def cli() -> None:
 @option("ema_decay", "EMA decay of the student weights, with warm-up (0: no EMA). The exported UNet is the EMA.", type=float)
 @option("checkpoint_every", "Write a checkpoint every N steps (and at the end, and on Ctrl-C/SIGTERM).", type=int)
 @option("checkpoints_total_limit", "Keep the last K checkpoints.", type=int)
-@option("resume", "Continue from `latest` (in OUT/checkpoints; a fresh start if none) or a checkpoint folder.")
+@option("resume", "Continue from `latest` (the newest readable checkpoint in OUT/checkpoints; a fresh start if none) or a checkpoint folder.")
+@option("overwrite", "Start over in an OUT that holds a run: its checkpoints, student and logs are removed first.", is_flag=True)
 @option("seed", "Seed of the data order, the w draws and initialisation.", type=int)
 @click.option("--resampled/--epochs", "resampled", default=FitConfig.resampled, show_default=True,
               help="Draw shards at random forever, or read epoch after epoch.")
@@ -69,8 +73,9 @@ def cli() -> None:
 @option("log_every", "Log to the tracker every N steps.", type=int)
 @option("max_nonfinite_steps", "Stop after this many steps in a row skipped for a non-finite loss.", type=int)
 @option("record_keys", "Write OUT/logs/keys-rankR.tsv: the step and key of every record each rank trained on.", is_flag=True)
-@sid_option("prompts", "sid-lsg: prompt file, one per line, or a .parquet/.csv with --prompt-column.", type=click.Path(dir_okay=False))
-@sid_option("prompt_column", "sid-lsg: the caption column of a .parquet/.csv prompt file.")
+@option("verify", "Check every shard's sha256 against the manifest before training (the size check always runs).", is_flag=True)
+@sid_option("prompts", "sid-lsg: prompt file: .txt, one per line (UTF-8 or UTF-16), or .csv/.tsv/.parquet/.json with --prompt-column.", type=click.Path(dir_okay=False))
+@sid_option("prompt_column", "sid-lsg: the caption column of a table or JSON prompt file.")
 @sid_option("kappa", "sid-lsg: kappa1 = kappa2 = kappa3 = kappa4 (LSG); 1 = no guidance.", type=float)
 @sid_option("kappa1", "sid-lsg: guidance of the fake score network's training target [--kappa].", type=float)
 @sid_option("kappa2", "sid-lsg: the fake network's guidance in the generator loss [--kappa].", type=float)
@@ -131,7 +136,7 @@ def config_for_method(options: dict) -> FitConfig | SidConfig | ProgressiveConfi
     config_class = CONFIG_CLASS[method]
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
     fields = {f.name: f for f in dataclasses.fields(config_class)}
-    if stray := sorted(set(given) - set(fields)):
+    if stray := sorted(set(given) - set(fields)) or options_of_other_methods(method, given):
         raise UserError(f"--{stray[0].replace('_', '-')} does not apply to --method {method}")
     for name, f in fields.items():
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in given:

@@ -15,11 +15,30 @@ DEFAULT_GUIDANCE_SCALE = {"cfg-distill": 7.5, "classifier-distill": 100.0}
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 W_LOSSES = ("x0", "eps")
+# FitConfig's options that only some of its methods take: given to another method, they are refused by name
+METHOD_ONLY_OPTIONS = {
+    "guidance_scale": ("cfg-distill", "classifier-distill"),
+    "guidance_coefficient": ("classifier-distill",),
+    "w_min": ("w-distill",), "w_max": ("w-distill",), "w_embedding_dim": ("w-distill",), "w_loss": ("w-distill",),
+}
+
+
+def options_of_other_methods(method: str, given) -> list[str]:
+    """The options among `given` that FitConfig holds for its other methods only (METHOD_ONLY_OPTIONS)."""
+    if method not in SHARD_KIND:
+        return []
+    return sorted(k for k in given if method not in METHOD_ONLY_OPTIONS.get(k, (method,)))
 
 
 def require_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"unknown --{option} {value!r}; expected one of {choices}")
+
+
+def require_one_way_to_start(config) -> None:
+    """--resume continues the run in OUT and --overwrite starts it over: not both."""
+    if config.resume and config.overwrite:
+        raise UserError("--overwrite starts over and --resume continues: pass one of them, not both")
 
 
 def require_at_least_one(config, names: tuple[str, ...]) -> None:
@@ -52,6 +71,7 @@ class ShardLoopConfig:
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 3
     resume: str | None = None  # "latest" or a checkpoint folder
+    overwrite: bool = False  # start over in an OUT that holds a run (not part of the run's identity)
     seed: int = 0
     resampled: bool = True
     shuffle_buffer: int = 1000
@@ -61,6 +81,7 @@ class ShardLoopConfig:
     log_every: int = 10
     max_nonfinite_steps: int = 10  # in a row
     record_keys: bool = False  # audit: which records each rank trained on
+    verify: bool = False  # also check every shard's sha256 at start-up (sizes are always checked)
 
     def __post_init__(self) -> None:
         require_choice("lr-scheduler", self.lr_scheduler, LR_SCHEDULES)
@@ -69,6 +90,7 @@ class ShardLoopConfig:
                                     "checkpoints_total_limit", "max_nonfinite_steps", "log_every"))
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        require_one_way_to_start(self)
 
     @property
     def loader_workers(self) -> int:
@@ -93,6 +115,7 @@ class FitConfig(ShardLoopConfig):
 
     method: str
     teacher: str
+    variant: str | None = None  # the teacher's weight variant (e.g. fp16) [what its folder has]
     guidance_scale: float | None = None  # alpha (cfg-distill) or gamma (classifier-distill)
     guidance_coefficient: str | None = None  # classifier-distill: c_t in eps + gamma c_t grad [the shards']
     w_min: float = 2.0  # w-distill: the guidance-scale range, in diffusers' guidance_scale units
@@ -109,15 +132,11 @@ class FitConfig(ShardLoopConfig):
             self.guidance_scale = DEFAULT_GUIDANCE_SCALE[self.method]
         if self.method == "w-distill" and not self.w_min <= self.w_max:
             raise UserError(f"--w-min {self.w_min} is above --w-max {self.w_max}")
-        if self.w_loss is not None and self.method != "w-distill":
-            raise UserError(f"--w-loss does not apply to --method {self.method}")
         if self.method == "w-distill":
             self.w_loss = self.w_loss or "x0"
             require_choice("w-loss", self.w_loss, W_LOSSES)
         require_at_least_one(self, ("max_steps",))
         if self.guidance_coefficient is not None:
-            if self.method != "classifier-distill":
-                raise UserError(f"--guidance-coefficient does not apply to --method {self.method}")
             require_choice("guidance-coefficient", self.guidance_coefficient, COEFFICIENTS)
 
     @property

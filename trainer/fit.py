@@ -28,18 +28,20 @@ from diffusion.errors import UserError
 from diffusion.files import sha256_file
 from diffusion.guidance import DEFAULT_COEFFICIENT, guidance_coefficient
 from diffusion.launch import check_world_size
+from diffusion.resolution import check_resolution, set_trained_resolution
 from diffusion.teacher import load_teacher, load_unet, quiet_library_progress
 from diffusion.unet import add_guidance_embedding, unet_eps
 from shards.format import TENSORS_BY_KIND
 from shards.manifest import MANIFEST, read_dataset_info, recorded_coefficient
 from shards.reader import ShardStream
-from trainer.checkpoint import resolve_resume
+from shards.verify import folder_problems
 from trainer.config import FitConfig
 from trainer.data import MicroBatches, position_generator
 from trainer.export import inference_recipe, save_student
 from trainer.losses import (cfg_distill_loss, classifier_distill_loss, sample_w, w_distill_eps_loss, w_distill_loss,
                             w_distill_target)
-from trainer.resume import TrainState, load_checkpoint, save_checkpoint
+from trainer.outdir import prepare_out
+from trainer.resume import TrainState, resume_checkpoint, save_checkpoint
 from trainer.stop import StopRequest
 from trainer.text_cache import TextEmbeddingCache
 
@@ -77,7 +79,16 @@ def check_shards(cfg: FitConfig) -> dict[str, Any]:
         raise UserError(
             f"--method {cfg.method} needs {cfg.shard_kind!r} shards ({wanted}) but {cfg.shards} holds {kind!r} shards"
         )
+    refuse_damaged_shards(cfg)
     return info
+
+
+def refuse_damaged_shards(cfg) -> None:
+    """Before any training, on every rank: each shard file is there with the manifest's size (with --verify,
+    its sha256 and unique record keys too); otherwise one error naming the first damaged shard."""
+    if problems := folder_problems(cfg.shards, verify=cfg.verify):
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"--shards {cfg.shards} is damaged: {problems[0]}{more}; run `pipeline inspect {cfg.shards}`")
 
 
 def with_shard_coefficient(cfg: FitConfig, info: dict[str, Any]) -> FitConfig:
@@ -101,8 +112,9 @@ def prepare_unet(unet: UNet2DConditionModel, cfg) -> UNet2DConditionModel:
 
 
 def build_student(cfg: FitConfig, teacher_root: Path) -> UNet2DConditionModel:
-    """The teacher's UNet in float32, trainable; for w-distill with the zero-initialised w embedding."""
-    unet = load_unet(teacher_root)
+    """The teacher's UNet (its --variant's files) in float32, trainable; for w-distill with the zero-initialised w
+    embedding."""
+    unet = load_unet(teacher_root, variant=cfg.variant)
     if cfg.method == "w-distill":
         unet = add_guidance_embedding(unet, cfg.w_embedding_dim)
     return prepare_unet(unet, cfg)
@@ -231,10 +243,12 @@ def _record(cfg: FitConfig, info: dict, run: dict, teacher, state: TrainState, a
         "w_convention": W_CONVENTION if w_distill else None,
         "w_loss": cfg.w_loss,
         "guidance": info.get("guidance"),
-        "teacher": {"path": str(Path(teacher.root).resolve()), "fingerprint": teacher.fingerprint},
+        "teacher": {"path": str(Path(teacher.root).resolve()), "fingerprint": teacher.fingerprint,
+                    "variants": teacher.variants},
         "shards": {"path": str(Path(cfg.shards).resolve()), "kind": info.get("kind"),
                    "manifest_sha256": run["data_sha256"], "samples": info.get("samples")},
         "steps": state.step,
+        "resolution": info.get("resolution"),  # also the UNet's sample_size (in latents): pipelines sample at it
         "global_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
         "ema_decay": cfg.ema_decay,
         "mixed_precision": cfg.mixed_precision,
@@ -308,10 +322,13 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
     accelerator = make_accelerator(cfg)
     info = check_shards(cfg)
     cfg = with_shard_coefficient(cfg, info)
+    prepare_out(cfg, accelerator, (cfg.teacher, cfg.shards))
     teacher = load_teacher(cfg.teacher, TEACHER_DTYPE[cfg.mixed_precision], accelerator.device,
-                           with_unet_and_vae=False)
+                           with_unet_and_vae=False, variant=cfg.variant)
+    check_resolution(info["resolution"], teacher.root, f"--shards {cfg.shards}: built at --resolution")
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, teacher.root)
+    set_trained_resolution(student, info["resolution"], teacher.root)
     optimizer = make_optimizer(cfg, student)
     lr_scheduler = make_lr_scheduler(cfg, optimizer, cfg.max_steps)
     ema = make_ema(cfg, student, accelerator.device)
@@ -321,9 +338,9 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
            "teacher_fingerprint": teacher.fingerprint, "data_sha256": sha256_file(Path(cfg.shards) / MANIFEST)}
     parts = {"unet": student, "optimizer": optimizer, "lr_scheduler": lr_scheduler, "ema": ema}
     state = TrainState()
-    if (path := resolve_resume(Path(cfg.out), cfg.resume)) is not None:
-        state = TrainState.from_dict(load_checkpoint(path, run, accelerator, parts))
-        accelerator.print(f"resumed from {path} at step {state.step}")
+    if (resumed := resume_checkpoint(Path(cfg.out), cfg.resume, run, accelerator, parts)) is not None:
+        state = TrainState.from_dict(resumed[1])
+        accelerator.print(f"resumed from {resumed[0]} at step {state.step}")
     if state.step >= cfg.max_steps:
         accelerator.print(f"already at step {state.step} >= --max-steps {cfg.max_steps}; exporting")
 

@@ -21,19 +21,20 @@ from diffusers import DDIMScheduler
 
 from diffusion.errors import UserError
 from diffusion.files import sha256_file
+from diffusion.resolution import check_resolution, set_trained_resolution, vae_factor
 from diffusion.samplers import CLEAN, ddim_step, grid_coefficients, step_grid
 from diffusion.teacher import load_teacher, load_unet, quiet_library_progress
 from diffusion.unet import is_w_conditioned, unet_eps
 from shards.manifest import MANIFEST, read_dataset_info
-from trainer.checkpoint import resolve_resume
 from trainer.config import ProgressiveConfig
 from trainer.export import read_distillation, save_student
 from trainer.fit import (
     TEACHER_DTYPE, W_CONVENTION, init_trackers, make_accelerator, make_ema, make_lr_scheduler, make_optimizer,
-    prepare_unet, run_steps, shard_micro_batches, train_step,
+    prepare_unet, refuse_damaged_shards, run_steps, shard_micro_batches, train_step,
 )
 from trainer.losses import progressive_loss, progressive_target, sample_w
-from trainer.resume import TrainState, load_checkpoint, save_checkpoint
+from trainer.outdir import prepare_out
+from trainer.resume import TrainState, resume_checkpoint, save_checkpoint
 from trainer.text_cache import TextEmbeddingCache
 
 
@@ -41,8 +42,9 @@ def round_folder(out: Path, steps: int) -> Path:
     return Path(out) / f"round-{steps:02d}steps"
 
 
-def check_inputs(cfg: ProgressiveConfig) -> tuple[dict, tuple[float, float]]:
-    """The starting student's record and the w range to train on; one clear error for each bad input."""
+def check_inputs(cfg: ProgressiveConfig) -> tuple[dict, tuple[float, float], int]:
+    """The starting student's record, the w range to train on and the shards' resolution; one clear error for
+    each bad input."""
     record = read_distillation(Path(cfg.student))
     if record is None or record["method"] not in ("w-distill", "progressive"):
         method = None if record is None else record["method"]
@@ -55,11 +57,13 @@ def check_inputs(cfg: ProgressiveConfig) -> tuple[dict, tuple[float, float]]:
     if "z0" not in info.get("tensors", []):
         raise UserError(f"--shards {cfg.shards} holds no clean latents z0: build them with "
                         "`pipeline build-shards --store-clean`")
+    refuse_damaged_shards(cfg)
+    check_resolution(info["resolution"], cfg.student, f"--shards {cfg.shards}: built at --resolution")
     low, high = record["w_range"]
     w_range = (low if cfg.w_min is None else cfg.w_min, high if cfg.w_max is None else cfg.w_max)
     if not low <= w_range[0] <= w_range[1] <= high:
         raise UserError(f"--w-min/--w-max {w_range} must lie inside the student's w range [{low}, {high}]")
-    return record, w_range
+    return record, w_range, info["resolution"]
 
 
 def round_loss(student, teacher_unet, schedule, steps: int, w_range, device, batch, text, generator) -> torch.Tensor:
@@ -108,6 +112,7 @@ def export_round(cfg, unet, start_record: dict, source: Path, steps: int, w_rang
         "w_range": list(w_range), "w_convention": W_CONVENTION, "guidance_scale": None,
         "teacher": start_record["teacher"], "start_student": str(Path(cfg.student).resolve()),
         "shards": {"path": str(Path(cfg.shards).resolve()), "manifest_sha256": run["data_sha256"]},
+        "resolution": unet.config.sample_size * vae_factor(source),
         "round": cfg.round_steps.index(steps) + 1, "rounds": len(cfg.round_steps),
         "iters_per_round": cfg.iters_per_round, "global_batch_size": global_batch, "ema_decay": cfg.ema_decay,
         "mixed_precision": cfg.mixed_precision, "nonfinite_steps_skipped": state.nonfinite_total,
@@ -137,7 +142,8 @@ def run_progressive(cfg: ProgressiveConfig) -> dict[str, Any]:
     folders and each step's seconds."""
     quiet_library_progress()
     accelerator = make_accelerator(cfg)
-    start_record, w_range = check_inputs(cfg)
+    start_record, w_range, resolution = check_inputs(cfg)
+    prepare_out(cfg, accelerator, (cfg.student, cfg.shards))
     base = load_teacher(cfg.student, TEACHER_DTYPE[cfg.mixed_precision], accelerator.device, with_unet_and_vae=False)
     fingerprint = start_record["teacher"]["fingerprint"]  # the shards were built by the original teacher
     torch.manual_seed(cfg.seed)
@@ -145,6 +151,7 @@ def run_progressive(cfg: ProgressiveConfig) -> dict[str, Any]:
     if not is_w_conditioned(student):
         raise UserError(f"--student {cfg.student}: its UNet has no w embedding (time_cond_proj_dim)")
     student = prepare_unet(student, cfg)
+    set_trained_resolution(student, resolution, base.root)
     teacher_unet = load_unet(base.root, base.dtype).to(accelerator.device).eval().requires_grad_(False)
     optimizer = make_optimizer(cfg, student)
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -154,9 +161,9 @@ def run_progressive(cfg: ProgressiveConfig) -> dict[str, Any]:
     run = {"identity": cfg.identity(), "data_layout": cfg.data_layout(accelerator.num_processes),
            "teacher_fingerprint": fingerprint, "data_sha256": sha256_file(Path(cfg.shards) / MANIFEST)}
     state = TrainState()
-    if (path := resolve_resume(Path(cfg.out), cfg.resume)) is not None:
-        state = TrainState.from_dict(load_checkpoint(path, run, accelerator, parts))
-        accelerator.print(f"resumed from {path} at step {state.step}")
+    if (resumed := resume_checkpoint(Path(cfg.out), cfg.resume, run, accelerator, parts)) is not None:
+        state = TrainState.from_dict(resumed[1])
+        accelerator.print(f"resumed from {resumed[0]} at step {state.step}")
     text_cache = TextEmbeddingCache(base.encode_text, cfg.text_cache_size)
     batches = shard_micro_batches(cfg, accelerator, fingerprint, None, ("z0",), state.step)
     init_trackers(cfg, accelerator, "fit-progressive")

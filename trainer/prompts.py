@@ -1,7 +1,7 @@
 """Prompt lists for data-free distillation: read once, then drawn by position, so a resume redraws the same ones.
 
-A prompt file is a text file with one prompt per line (the Aesthetics6+ prompt files are this), or a parquet or
-csv table with a caption column. Empty lines are skipped and counted.
+A prompt file is a text file with one prompt per line (the Aesthetics6+ prompt files are this), or a table or JSON
+list with a caption column (`diffusion.prompt_files`). Empty and undecodable lines are skipped and counted.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion.errors import UserError
-from diffusion.files import sha256_file
+from diffusion.prompt_files import read_prompt_file
 from trainer.data import position_generator
 
 
@@ -21,35 +20,14 @@ class PromptList:
     prompts: list[str]
     empty_skipped: int
     sha256: str
-
-
-def _table_column(path: Path, column: str) -> list:
-    import pyarrow.csv
-    import pyarrow.parquet
-
-    try:
-        table = pyarrow.parquet.read_table(path) if path.suffix == ".parquet" else pyarrow.csv.read_csv(path)
-    except Exception as error:  # pyarrow's own errors for a malformed table
-        raise UserError(f"--prompts {path}: cannot read it as a {path.suffix[1:]} table ({error})") from None
-    if column not in table.column_names:
-        raise UserError(f"--prompts {path} has no column {column!r} (columns: {', '.join(table.column_names)}); "
-                        "pick one with --prompt-column")
-    return table.column(column).to_pylist()
+    undecodable_skipped: int = 0  # lines whose bytes are neither UTF-8 nor UTF-16 text
 
 
 def read_prompts(path: str | Path, column: str = "caption") -> PromptList:
-    """One prompt per non-empty line of a text file, or the `column` of a .parquet/.csv table."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--prompts {path}: no such file")
-    if path.suffix in (".parquet", ".csv"):
-        raw = ["" if value is None else str(value) for value in _table_column(path, column)]
-    else:
-        raw = path.read_text(encoding="utf-8").splitlines()
-    prompts = [p.strip() for p in raw if p.strip()]
-    if not prompts:
-        raise UserError(f"--prompts {path} holds no prompts")
-    return PromptList(prompts, len(raw) - len(prompts), sha256_file(path))
+    """The prompts of a text, csv/tsv, parquet or JSON prompt file (diffusion.prompt_files)."""
+    listed = read_prompt_file(path, column)
+    return PromptList(listed.prompts, listed.info["empty_skipped"], listed.info["sha256"],
+                      listed.info["undecodable_skipped"])
 
 
 class PromptSampler:

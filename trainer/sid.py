@@ -33,14 +33,14 @@ from diffusion.errors import UserError
 from diffusion.samplers import sid_one_step
 from diffusion.teacher import load_teacher, load_unet, quiet_library_progress
 from diffusion.unet import guided_eps, guided_x0
-from trainer.checkpoint import resolve_resume
 from trainer.data import position_generator
 from trainer.ema import HalfLifeEMA
 from trainer.export import save_student
 from trainer.fit import init_trackers, make_accelerator, prepare_unet
 from trainer.losses import finite_samples, sid_fake_score_loss, sid_generator_loss
 from trainer.prompts import PromptSampler, read_prompts
-from trainer.resume import load_checkpoint, save_checkpoint
+from trainer.outdir import prepare_out
+from trainer.resume import resume_checkpoint, save_checkpoint
 from trainer.sid_config import SidConfig
 from trainer.sid_samples import save_sample_grid
 from trainer.stop import StopRequest
@@ -260,13 +260,13 @@ def network_step(cfg, accelerator, nets: SidNetworks, phase: int, sampler, text_
 
 
 def build_networks(cfg: SidConfig, accelerator) -> SidNetworks:
-    teacher = load_teacher(cfg.teacher, cfg.teacher_precision, accelerator.device)
+    teacher = load_teacher(cfg.teacher, cfg.teacher_precision, accelerator.device, variant=cfg.variant)
     if teacher.vae.dtype != torch.float32:
         teacher.vae.to(torch.float32)  # it only decodes sample grids
     if cfg.gradient_checkpointing:
         teacher.unet.enable_gradient_checkpointing()
     torch.manual_seed(cfg.seed)
-    generator = prepare_unet(load_unet(teacher.root), cfg)
+    generator = prepare_unet(load_unet(teacher.root, variant=cfg.variant), cfg)
     fake = copy.deepcopy(generator)  # both start as the teacher's UNet in float32: one read from disk
     ema = HalfLifeEMA(generator, cfg.ema_halflife_kimg, cfg.ema_rampup) if cfg.ema_halflife_kimg > 0 else None
     adam = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
@@ -306,9 +306,11 @@ def _record(cfg: SidConfig, prompt_list, encoder, nets, state: SidState, global_
         "guidance_scale": None,
         "t_init": cfg.t_init, "t_range": [cfg.t_min, cfg.t_max],
         "input_scale": float(schedule.sigma(t_init, t_init.double())),
-        "teacher": {"path": str(Path(nets.teacher.root).resolve()), "fingerprint": nets.teacher.fingerprint},
+        "teacher": {"path": str(Path(nets.teacher.root).resolve()), "fingerprint": nets.teacher.fingerprint,
+                    "variants": nets.teacher.variants},
         "prompts": {"path": str(Path(cfg.prompts).resolve()), "sha256": prompt_list.sha256,
                     "count": len(prompt_list.prompts), "empty_lines_skipped": prompt_list.empty_skipped,
+                    "undecodable_lines_skipped": prompt_list.undecodable_skipped,
                     "truncated_by_tokenizer_seen": encoder.truncated},
         "kimg": state.images / 1000, "iterations": state.iteration, "global_batch_size": global_batch,
         "ema_halflife_kimg": cfg.ema_halflife_kimg, "mixed_precision": cfg.mixed_precision,
@@ -335,6 +337,7 @@ def run_sid(cfg: SidConfig) -> dict[str, Any]:
     # sums over elements divided by the batch, not means. Autocast is unchanged; the weights stay float32.
     accelerator = make_accelerator(cfg, grad_scaler=False)
     prompt_list = read_prompts(cfg.prompts, cfg.prompt_column)
+    prepare_out(cfg, accelerator, (cfg.teacher, cfg.prompts))
     nets = build_networks(cfg, accelerator)
     unet_config = nets.teacher.unet.config
     latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
@@ -347,9 +350,9 @@ def run_sid(cfg: SidConfig) -> dict[str, Any]:
     run = {"identity": cfg.identity(), "data_layout": {"world_size": accelerator.num_processes},
            "teacher_fingerprint": nets.teacher.fingerprint, "data_sha256": prompt_list.sha256}
     state = SidState()
-    if (path := resolve_resume(Path(cfg.out), cfg.resume)) is not None:
-        state = SidState.from_dict(load_checkpoint(path, run, accelerator, nets.parts()))
-        accelerator.print(f"resumed from {path} at {state.images / 1000:g} kimg")
+    if (resumed := resume_checkpoint(Path(cfg.out), cfg.resume, run, accelerator, nets.parts())) is not None:
+        state = SidState.from_dict(resumed[1])
+        accelerator.print(f"resumed from {resumed[0]} at {state.images / 1000:g} kimg")
 
     def checkpoint() -> None:
         save_checkpoint(Path(cfg.out), state.iteration, run, cfg.to_dict(), accelerator, nets.parts(),

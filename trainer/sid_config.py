@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from diffusion.errors import UserError
-from trainer.config import MIXED_PRECISION, require_at_least_one, require_choice
+from trainer.config import MIXED_PRECISION, require_at_least_one, require_choice, require_one_way_to_start
 
 
 @dataclass
@@ -21,6 +21,7 @@ class SidConfig:
     prompts: str
     out: str
     method: str = "sid-lsg"
+    variant: str | None = None  # the teacher's weight variant (e.g. fp16) [what its folder has]
     prompt_column: str = "caption"  # parquet/csv prompt files
     kappa: float = 1.5  # kappa1..kappa4 unless set one by one
     kappa1: float | None = None
@@ -51,6 +52,7 @@ class SidConfig:
     grid_every_kimg: float = 50.0  # sample grids of the EMA generator (0: none)
     grid_prompts: int = 16  # the first N prompts of the file, seeds 0..N-1
     resume: str | None = None
+    overwrite: bool = False  # start over in an OUT that holds a run (not part of the run's identity)
     seed: int = 0
     text_cache_size: int = 4096
     report_to: str = "tensorboard"
@@ -83,6 +85,7 @@ class SidConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
         if self.ema_halflife_kimg < 0 or self.grid_every_kimg < 0:
             raise UserError("--ema-halflife-kimg and --grid-every-kimg must be >= 0")
+        require_one_way_to_start(self)
 
     @property
     def kappas(self) -> tuple[float, float, float, float]:
