@@ -22,12 +22,15 @@ demo-wloss: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Every benchmark interleaves its contenders; `make bench OFFICIAL=/path/to/SiD-LSG` adds the official SiD-LSG code.
+OFFICIAL ?=
 bench: $(STAMP)
 	$(BIN)/python benchmarks/build_shards.py
 	$(BIN)/python benchmarks/fit.py
-	$(BIN)/python benchmarks/speed.py
-	$(BIN)/python benchmarks/sid.py
+	$(BIN)/python benchmarks/sid.py $(if $(OFFICIAL),--official $(OFFICIAL))
+	$(BIN)/python benchmarks/optim.py
 	$(BIN)/python benchmarks/progressive.py
+	$(BIN)/python benchmarks/speed.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,30 +1,55 @@
-"""What every benchmark script does with its figures: print them aligned, and optionally write them as JSON."""
+"""What every benchmark script shares: printing its figures (ratios as median [min-max] over blocks of
+interleaved turns, with their targets), JSON output, and the shard world the trainer benchmarks read."""
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import asdict
 from pathlib import Path
 
+# CPU figures: the bare callables build their tensors on the CPU and Turns does not synchronise CUDA here, so
+# a GPU the trainers would pick up is hidden (read at CUDA's first use, so setting it after torch's import works).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-def emit(figures: dict, json_out: str | None) -> None:
+from evaluation.timing import Ratio
+
+
+def emit(figures: dict, json_out: str | None, targets: dict[str, str] | None = None) -> None:
+    """Print `figures` aligned; a Ratio as median [min-max], with its target (e.g. ">= 0.95") and whether the
+    median meets it. The machine's load average is printed too: these are ratios of a shared machine."""
+    targets = targets or {}
+    figures = {**figures, "load_average_1_5_15min": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     width = max(map(len, figures))
     for name, value in figures.items():
-        print(f"{name:>{width}}: {value:.3f}" if isinstance(value, float) else f"{name:>{width}}: {value}")
+        if isinstance(value, Ratio):
+            target = targets.get(name)
+            verdict = f"   (target {target}: {'met' if _meets(value.median, target) else 'NOT met'})" if target else ""
+            print(f"{name:>{width}}: {value}{verdict}")
+        else:
+            print(f"{name:>{width}}: {value:.3f}" if isinstance(value, float) else f"{name:>{width}}: {value}")
     if json_out:
-        Path(json_out).write_text(json.dumps(figures, indent=2))
+        plain = {k: asdict(v) if isinstance(v, Ratio) else v for k, v in figures.items()}
+        Path(json_out).write_text(json.dumps({**plain, "targets": targets}, indent=2))
+
+
+def _meets(value: float, target: str) -> bool:
+    operator, bound = target.split()
+    return value >= float(bound) if operator == ">=" else value <= float(bound)
 
 
 def shard_world_options(samples: int, steps: int):
-    """The options of a benchmark fed from shards: --samples --batch-size --resolution --steps --json-out."""
+    """The options of a benchmark fed from shards: --samples --batch-size --resolution --steps --blocks
+    --json-out."""
     import click
 
     options = [
         click.option("--samples", default=samples, show_default=True),
         click.option("--batch-size", default=8, show_default=True),
         click.option("--resolution", default=128, show_default=True),
-        click.option("--steps", default=steps, show_default=True),
-        click.option("--json-out", default=None, type=click.Path(dir_okay=False),
-                     help="Also write the figures as JSON."),
+        click.option("--steps", default=steps, show_default=True, help="Turns: each contender's steps."),
+        blocks_option(),
+        json_option(),
     ]
 
     def decorate(function):
@@ -33,6 +58,20 @@ def shard_world_options(samples: int, steps: int):
         return function
 
     return decorate
+
+
+def blocks_option():
+    import click
+
+    return click.option("--blocks", default=4, show_default=True,
+                        help="Blocks of turns each ratio is computed over (median [min-max] of the blocks).")
+
+
+def json_option():
+    import click
+
+    return click.option("--json-out", default=None, type=click.Path(dir_okay=False),
+                        help="Also write the figures as JSON.")
 
 
 def build_shard_world(folder: Path, samples: int, resolution: int, store_clean: bool = False) -> tuple[Path, Path]:

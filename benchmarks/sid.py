@@ -1,127 +1,211 @@
-"""SiD-LSG training cost by guidance strategy, against the plain teacher forward + backward, side by side.
+"""SiD-LSG training cost, interleaved in one process: our loop against its plain-torch floor, the guidance
+strategies against each other, and (with --official PATH) against the official SiD-LSG code.
 
-For Long (kappa4 > 1 only), Short (kappa2 = kappa3 < 1) and LSG (kappa1..4 > 1) on a CPU-sized SD-like model:
-seconds per 1,000 generated images and peak memory, each measured in a fresh process. The reference, in its
-own fresh process, is one training step of the bare UNet: forward + backward + Adam on the same batch.
-Time ratios are per iteration of SiD (a fake-network update and a generator update, each on one batch) over
-one reference step; memory is the peak RSS growth of the whole run above the process after imports (the
-models and optimiser states included: three UNets and an EMA for SiD, one for the reference). The seed's
-Table 4 puts LSG at about 1.2x the time and 1.1x the memory of Long or Short.
+Contenders, one iteration each per turn (a fake-network update and a generator update, each on one batch):
+- lsg: `trainer fit --method sid-lsg`'s loop (kappa1..4 = K), timed by the loop itself (`after_step`);
+- long (kappa4 = K only) and short (kappa2 = kappa3 = 1/K): the same loop's iteration;
+- lsg_buffers_kept, lsg_buffers_freed: the LSG iteration with --keep-grad-buffers and --free-grad-buffers;
+- floor: the same UNet work in plain torch (generator forward without grad, fake forward 2B + backward +
+  Adam; generator forward, teacher forward 2B, fake forward 2B, backward through all three into the
+  generator + Adam), fused Adam, buffers freed (measured the faster), nothing else: no EMA, no NaN guards,
+  no text encoding;
+- official: one iteration of the official code's loop (benchmarks/official_sid.py), when --official is given,
+  in a process of its own stepped over a pipe (so its gc.collect() scans its own objects, not ours);
+  official_without_gc: the same without the gc.collect() its loop runs every iteration (on this CPU-sized
+  model about a quarter of its iteration).
+Callables run in rotating order after each loop iteration; each time ratio is over blocks of turns (the first
+left out) as median [min-max]. Memory: peak RSS growth of each strategy over a few iterations in a fresh
+process (the seed's Table 4 puts LSG at about 1.2x the time and 1.1x the memory of Long or Short).
 
-    python benchmarks/sid.py [--batch-size 4] [--resolution 64] [--iterations 12] [--guidance 1.5]
+    python benchmarks/sid.py [--batch-size 4] [--resolution 64] [--iterations 21] [--guidance 1.5]
+                             [--official PATH] [--blocks 4] [--json-out FILE]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import click
 
-from figures import emit  # benchmarks/figures.py: the scripts run from benchmarks/
+from figures import blocks_option, emit, json_option  # benchmarks/figures.py: the scripts run from benchmarks/
 
 STRATEGIES = {  # name -> kappa options (the short-guidance scale is below 1 by definition)
     "long": lambda k: {"kappa": 1.0, "kappa4": k},
     "short": lambda k: {"kappa": 1.0, "kappa2": 1.0 / k, "kappa3": 1.0 / k},
     "lsg": lambda k: {"kappa": k},
 }
+TARGETS = {"lsg_time_over_floor": "<= 1.05", "lsg_speed_over_official": ">= 1.15"}
+SEED = 0
+PROMPTS = 10_000
 
 
-def reference_step(teacher_dir: str, batch_size: int, iterations: int) -> dict:
-    """Seconds per forward + backward + Adam step of the teacher's UNet on one batch, and its peak memory."""
+def sid_config(teacher_dir: str, prompts: str, out: str, batch_size: int, iterations: int, options: dict):
+    from trainer.sid_config import SidConfig
+
+    return SidConfig(teacher=teacher_dir, prompts=prompts, out=out, batch_size=batch_size, seed=SEED,
+                     max_kimg=iterations * batch_size / 1000, checkpoint_every_kimg=1e9, grid_every_kimg=0,
+                     report_to="none", **options)
+
+
+def strategy_iteration(cfg, accelerator):
+    """One iteration of the sid-lsg loop for `cfg`, as a callable (its own counters)."""
+    from trainer.prompts import read_prompts
+    from trainer.sid import SidLoop, SidState
+
+    loop, state = SidLoop.build(cfg, accelerator, read_prompts(cfg.prompts).prompts), SidState()
+    return lambda: loop.iteration(state)
+
+
+def floor_iteration(teacher_dir: str, batch_size: int, kappa: float):
+    """The UNet work of one LSG iteration and two fused Adam steps, in plain torch, as a callable."""
     import torch
-    from diffusers import UNet2DConditionModel
 
-    from diffusion.teacher import load_teacher
-    from diffusion.unet import unet_eps
-    from evaluation.speed import MemoryProbe
+    from diffusion.teacher import load_teacher, load_unet
+    from trainer.optim import clear_gradients, make_adam
 
-    probe = MemoryProbe(torch.device("cpu"))
-    with probe:
-        teacher = load_teacher(teacher_dir, with_unet_and_vae=False)
-        unet = UNet2DConditionModel.from_pretrained(teacher_dir, subfolder="unet").train()
-        optimizer = torch.optim.Adam(unet.parameters(), lr=1e-6, betas=(0.0, 0.999))
-        side = unet.config.sample_size
-        z, eps = torch.randn(batch_size, 4, side, side), torch.randn(batch_size, 4, side, side)
-        t = torch.randint(20, 980, (batch_size,))
-        text = teacher.encode_text(["a photo of a cat"] * batch_size)
-        seconds = []
-        for _ in range(iterations + 1):
-            start = time.perf_counter()
-            (unet_eps(unet, teacher.schedule, z, t, text) - eps).pow(2).sum().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            seconds.append(time.perf_counter() - start)
-    return {"seconds": sum(seconds[1:]) / iterations, "peak_mb": probe.peak_growth / 2**20}
+    teacher = load_teacher(teacher_dir, with_unet_and_vae=False)
+    generator, fake, real = (load_unet(teacher.root).train() for _ in range(3))
+    real.requires_grad_(False)
+    optimizers = [make_adam(net.parameters(), decoupled=False, lr=1e-6, betas=(0.0, 0.999), eps=1e-8)
+                  for net in (fake, generator)]
+    side, channels = generator.config.sample_size, generator.config.in_channels
+    z, noise = (torch.randn(batch_size, channels, side, side) for _ in range(2))
+    t_init, t = torch.full((batch_size,), 625), torch.randint(20, 980, (batch_size,))
+    text = teacher.encode_text(["a photo of a cat"] * batch_size)
+    both = torch.cat([text, teacher.encode_text([""]).expand(batch_size, -1, -1)])
+
+    def guided(net, x):
+        cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=both).sample.chunk(2)
+        return uncond + kappa * (cond - uncond)
+
+    def iteration() -> None:
+        with torch.no_grad():
+            x_g = generator(z, t_init, encoder_hidden_states=text).sample
+        (guided(fake, x_g + noise) - noise).pow(2).sum().backward()
+        optimizers[0].step()
+        clear_gradients(optimizers[0], False)
+        x_g = generator(z, t_init, encoder_hidden_states=text).sample
+        y_real = guided(real, x_g + noise)  # frozen weights; the gradient reaches x_g through it, as in the seed
+        fake.requires_grad_(False)
+        ((guided(fake, x_g + noise) - y_real) * x_g).sum().backward()
+        fake.requires_grad_(True)
+        optimizers[1].step()
+        clear_gradients(optimizers[1], False)
+
+    return iteration
 
 
-def sid_iteration(teacher_dir: str, prompts: str, out: str, batch_size: int, iterations: int, kappas: dict) -> dict:
-    """Seconds per SiD iteration inside `trainer fit`'s loop (the first, warm-up one excluded), and the peak."""
+def interleaved(teacher_dir: str, prompts: str, tmp: Path, batch_size: int, iterations: int, guidance: float,
+                official: str | None, blocks: int) -> dict:
+    from accelerate.state import AcceleratorState
+
+    from evaluation.timing import Turns, ratio
+    from trainer.fit import make_accelerator
+    from trainer.sid import run_sid
+
+    configs = {name: sid_config(teacher_dir, prompts, str(tmp / name), batch_size, iterations, kappas(guidance))
+               for name, kappas in STRATEGIES.items()}
+    accelerator = make_accelerator(configs["lsg"], grad_scaler=False)
+    contenders = {name: strategy_iteration(configs[name], accelerator) for name in ("long", "short")}
+    for keep in (True, False):  # the LSG iteration (as long and short are timed) with buffers kept and freed
+        cfg = dataclasses.replace(configs["lsg"], keep_grad_buffers=keep, out=str(tmp / f"buffers-{keep}"))
+        contenders[f"lsg_buffers_{'kept' if keep else 'freed'}"] = strategy_iteration(cfg, accelerator)
+    contenders["floor"] = floor_iteration(teacher_dir, batch_size, guidance)
+    processes = []
+    if official:
+        from official_sid import OfficialProcess
+
+        for collect in (True, False):
+            processes.append(OfficialProcess(Path(official), Path(teacher_dir), Path(prompts), batch_size, guidance,
+                                             SEED, collect_garbage=collect))
+            contenders["official" if collect else "official_without_gc"] = processes[-1].step
+    turns = Turns(contenders)
+    run_sid(configs["lsg"], after_step=turns.between("lsg"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    for process in processes:
+        process.close()
+    seconds = turns.seconds
+    lsg = seconds["lsg_buffers_freed"]  # the default settings' iteration, timed as long and short are
+    figures = {"lsg_time_over_floor": ratio(seconds["lsg"], seconds["floor"], blocks),
+               "lsg_time_over_long": ratio(lsg, seconds["long"], blocks),
+               "lsg_time_over_short": ratio(lsg, seconds["short"], blocks),
+               "lsg_time_buffers_kept_over_freed": ratio(seconds["lsg_buffers_kept"], lsg, blocks)}
+    if official:  # images/s of ours (the loop) over the official code's: its seconds over ours
+        figures["lsg_speed_over_official"] = ratio(seconds["official"], seconds["lsg"], blocks)
+        figures["lsg_speed_over_official_without_gc"] = ratio(seconds["official_without_gc"], seconds["lsg"], blocks)
+    figures["lsg_seconds_per_kimg"] = statistics.median(seconds["lsg"][1:]) * 1000 / batch_size
+    return figures
+
+
+def peak_memory(teacher_dir: str, prompts: str, out: str, batch_size: int, options: dict) -> float:
+    """Peak RSS growth (MB) of three iterations of the loop, models and optimiser states included."""
     import torch
 
     from evaluation.speed import MemoryProbe
     from trainer.sid import run_sid
-    from trainer.sid_config import SidConfig
 
     probe = MemoryProbe(torch.device("cpu"))
     with probe:
-        cfg = SidConfig(teacher=teacher_dir, prompts=prompts, out=out, batch_size=batch_size,
-                        max_kimg=(iterations + 1) * batch_size / 1000, checkpoint_every_kimg=1e9, grid_every_kimg=0,
-                        report_to="none", **kappas)
-        seconds = run_sid(cfg)["iteration_seconds"][1:]
-    return {"seconds": sum(seconds) / len(seconds), "peak_mb": probe.peak_growth / 2**20}
+        run_sid(sid_config(teacher_dir, prompts, out, batch_size, 3, options))
+    return probe.peak_growth / 2**20
 
 
-def in_fresh_process(job: dict) -> dict:
+def in_fresh_process(job: dict) -> float:
     script = Path(__file__).resolve()
     done = subprocess.run([sys.executable, str(script), "--child", json.dumps(job)], capture_output=True, text=True,
                           cwd=script.parent)
     if done.returncode != 0:
-        raise RuntimeError(f"{job['kind']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"measuring memory failed:\n{done.stderr[-3000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 @click.command()
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--resolution", default=64, show_default=True)
-@click.option("--iterations", default=12, show_default=True)
+@click.option("--iterations", default=21, show_default=True, help="Turns: each contender's iterations.")
 @click.option("--guidance", default=1.5, show_default=True, help="K: Long kappa4 = K, Short kappa2,3 = 1/K, LSG all K.")
-@click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Also write the figures as JSON.")
+@click.option("--official", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A checkout of the official SiD-LSG code (github.com/mingyuanzhou/SiD-LSG): adds it as a contender.")
+@blocks_option()
+@json_option()
 @click.option("--child", default=None, hidden=True)
-def main(batch_size: int, resolution: int, iterations: int, guidance: float, json_out: str | None,
-         child: str | None) -> None:
+def main(batch_size: int, resolution: int, iterations: int, guidance: float, official: str | None, blocks: int,
+         json_out: str | None, child: str | None) -> None:
     if child:
-        job = json.loads(child)
-        kind = job.pop("kind")
-        print(json.dumps(reference_step(**job) if kind == "reference" else sid_iteration(**job)))
+        print(peak_memory(**json.loads(child)))
         return
+    if official:
+        from official_sid import official_available
+
+        if (problem := official_available(Path(official))) is not None:
+            raise click.BadParameter(problem, param_hint="--official")
     from diffusion.tiny import CPU_SIZES, write_tiny_teacher
 
     with tempfile.TemporaryDirectory() as tmp:
-        teacher_dir = str(write_tiny_teacher(Path(tmp) / "teacher", resolution=resolution, **CPU_SIZES))
-        prompts = Path(tmp) / "prompts.txt"
-        prompts.write_text("\n".join(f"a photo of object number {i}" for i in range(100)))
-        reference = in_fresh_process({"kind": "reference", "teacher_dir": teacher_dir, "batch_size": batch_size,
-                                      "iterations": iterations})
-        runs = {name: in_fresh_process({"kind": "sid", "teacher_dir": teacher_dir, "prompts": str(prompts),
-                                        "out": str(Path(tmp) / name), "batch_size": batch_size,
-                                        "iterations": iterations, "kappas": kappas(guidance)})
-                for name, kappas in STRATEGIES.items()}
-    figures = {"batch_size": batch_size, "resolution": resolution, "iterations": iterations, "guidance": guidance,
-               "reference_step_seconds": reference["seconds"], "reference_peak_mb": reference["peak_mb"]}
-    for name, run in runs.items():
-        figures[f"{name}_seconds_per_kimg"] = run["seconds"] * 1000 / batch_size
-        figures[f"{name}_time_over_reference"] = run["seconds"] / reference["seconds"]
-        figures[f"{name}_peak_mb"] = run["peak_mb"]
-        figures[f"{name}_memory_over_reference"] = run["peak_mb"] / reference["peak_mb"]
+        tmp = Path(tmp)
+        teacher_dir = str(write_tiny_teacher(tmp / "teacher", resolution=resolution, **CPU_SIZES))
+        prompts = tmp / "prompts.txt"
+        # distinct prompts, as in a real prompt file: the text cache never hits, every contender encodes its text
+        prompts.write_text("\n".join(f"a photo of object number {i}" for i in range(PROMPTS)))
+        figures = {"batch_size": batch_size, "resolution": resolution, "iterations": iterations, "guidance": guidance,
+                   **interleaved(teacher_dir, str(prompts), tmp, batch_size, iterations, guidance, official, blocks)}
+        runs = {name: kappas(guidance) for name, kappas in STRATEGIES.items()}
+        runs["lsg_buffers_kept"] = {**runs["lsg"], "keep_grad_buffers": True}
+        memory = {name: in_fresh_process({"teacher_dir": teacher_dir, "prompts": str(prompts), "options": options,
+                                          "out": str(tmp / f"memory-{name}"), "batch_size": batch_size})
+                  for name, options in runs.items()}
+    for name, mb in memory.items():
+        figures[f"{name}_peak_mb"] = mb
     for other in ("long", "short"):
-        figures[f"lsg_time_over_{other}"] = runs["lsg"]["seconds"] / runs[other]["seconds"]
-        figures[f"lsg_memory_over_{other}"] = runs["lsg"]["peak_mb"] / runs[other]["peak_mb"]
-    emit(figures, json_out)
+        figures[f"lsg_memory_over_{other}"] = memory["lsg"] / memory[other]
+    figures["lsg_buffers_kept_memory_over_freed"] = memory["lsg_buffers_kept"] / memory["lsg"]
+    emit(figures, json_out, TARGETS)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """`evaluation speed` on a CPU-sized SD-like model: the unguided teacher, the CFG teacher, the CLIP-guided
-teacher and a cfg-distilled student, side by side in one run (the seed's Figures 3-4 and 8-9).
+teacher and a cfg-distilled student, timed in rotating turns in one process (the seed's Figures 3-4 and 8-9).
 
 The CLIP model is open_clip's ViT-B-32 with random weights saved to a local file: the cost of a pass and a
 backward does not depend on the weights' values. The student is a real (1-step) `trainer fit` output.

@@ -118,6 +118,14 @@ def inputs_section(root: Path) -> list[str]:
     ]
 
 
+def time_ratio(timing: dict, field: str) -> str | None:
+    """A time ratio of `evaluation speed` as 'ratio [min-max]' over its interleaved turns."""
+    if field not in timing:
+        return None
+    spread = f" [{timing[field + '_min']:.3f}-{timing[field + '_max']:.3f}]" if field + "_min" in timing else ""
+    return f"{timing[field]:.3f}{spread}"
+
+
 def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bool = False) -> Path:
     evals = root / "eval"
     info = _json(world.root / "world.json")
@@ -137,7 +145,7 @@ def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bo
         steps = timing.get("steps")
         passes = None if steps is None else timing["unet_passes_per_step"] * steps
         return [name, steps, float(row["clip_score"]), float(row["fid"]), passes, timing.get("seconds_per_image"),
-                timing.get("peak_memory_mb"), timing.get("time_over_cfg_teacher")]
+                timing.get("peak_memory_mb"), time_ratio(timing, "time_over_cfg_teacher")]
 
     lines = [
         "# The digits world: guidance distillation end to end", "",
@@ -159,7 +167,9 @@ def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bo
                  table5_row(f"student-w at w = {alpha:g}", w_student),
                  table5_row(f"student-sid, one step (SiD-LSG, kappa {settings.sid_kappa:g})", one_step)]), "",
         "Time per image is per batch of the speed run, divided by the batch; the one-step generator runs one "
-        "UNet pass and one VAE decode per image.", "",
+        "UNet pass and one VAE decode per image. The models take turns batch by batch in rotating order "
+        "(`evaluation speed`), so a load on the machine hits all alike; the ratio is of median times, with "
+        "[min-max] of the per-turn ratios.", "",
         "## One-step generation from prompts alone (SiD-LSG)", "",
         f"`trainer fit --method sid-lsg` on {sid['prompts']['count']} prompts (no images), kappa1..4 = "
         f"{settings.sid_kappa:g} ({sid['guidance']['strategy']}), {sid['kimg']:g} thousand generated images "

@@ -25,8 +25,11 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from diffusion.schedule import NoiseSchedule
 from diffusion.tiny import SD_SCHEDULER, clip_tokenizer
 from digits.data import caption
+from trainer.ema import lerp_toward_
+from trainer.optim import make_adam
 
 TOKENS = 16  # captions here are short; the pipeline pads to the tokenizer's max length
+ADAM_BETAS = (0.9, 0.999)  # AdamW's defaults
 
 
 @dataclass
@@ -63,7 +66,7 @@ def make_components(seed: int = 0) -> dict:
 
 def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, recipe: TeacherRecipe) -> float:
     """Reconstruction (MSE) + 1e-4 KL; returns the scaling factor 1 / std of the latent means."""
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    optimizer = make_adam(vae.parameters(), decoupled=True, lr=recipe.vae_lr, betas=ADAM_BETAS, eps=1e-8)
     generator = torch.Generator().manual_seed(recipe.seed)
     vae.train()
     for _ in tqdm(range(recipe.vae_steps), desc="digits teacher: VAE", unit="step"):
@@ -85,9 +88,10 @@ def train_unet(parts: dict, latents: torch.Tensor, labels: np.ndarray, recipe: T
     unet, text_encoder, tokenizer = parts["unet"], parts["text_encoder"], parts["tokenizer"]
     schedule = NoiseSchedule.from_scheduler_config(SD_SCHEDULER)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=1e-2)
+    optimizer = make_adam(params, decoupled=True, lr=recipe.unet_lr, betas=ADAM_BETAS, eps=1e-8, weight_decay=1e-2)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 200))
     ema = copy.deepcopy(unet).requires_grad_(False)
+    averages, currents = list(ema.parameters()), list(unet.parameters())
     rng, generator = random.Random(recipe.seed), torch.Generator().manual_seed(recipe.seed)
     unet.train()
     text_encoder.train()
@@ -106,10 +110,7 @@ def train_unet(parts: dict, latents: torch.Tensor, labels: np.ndarray, recipe: T
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         warmup.step()
-        with torch.no_grad():
-            decay = min(recipe.ema_decay, (1 + step) / (10 + step))
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.lerp_(p, 1 - decay)
+        lerp_toward_(averages, currents, 1 - min(recipe.ema_decay, (1 + step) / (10 + step)))
         if step % 50 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}")
     return ema.eval()

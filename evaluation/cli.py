@@ -175,7 +175,9 @@ def sweep(teacher: str, scales: str, models: tuple[str, ...], **options) -> None
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="speed.json, speed.md, speed.png.")
 @click.option("--batch-size", default=1, show_default=True)
 @click.option("--num-inference-steps", default=10, show_default=True)
-@click.option("--repeats", default=3, show_default=True, help="Timed batches per model (the median is kept).")
+@click.option("--repeats", default=3, show_default=True,
+              help="Timed turns after one warm-up turn; in each, every model renders one batch, in rotating order "
+                   "(a model's median is kept, its per-turn ratios give min and max).")
 @click.option("--prompt", default="a photograph of an astronaut riding a horse", show_default=True)
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(sorted(DTYPES)))
 @click.option("--variant", default=None, help=TEACHER_VARIANT_HELP)
@@ -183,16 +185,17 @@ def sweep(teacher: str, scales: str, models: tuple[str, ...], **options) -> None
 @click.option("--clip-weights", default=None, type=click.Path(dir_okay=False))
 def speed(models, out, batch_size, num_inference_steps, repeats, prompt, dtype, variant, clip_model,
           clip_weights) -> None:
-    """Time per step, time per image and peak memory of each model, side by side, with ratios."""
+    """Time per step, time per image and peak memory of each model, side by side, with ratios. Times: all models
+    in this process, interleaved in turns of rotating order; memory: each model in a fresh process."""
     import torch
 
     from evaluation.models import parse_model_arg, with_variant
-    from evaluation.speed import add_ratios, bar_chart, format_table, measure_in_fresh_process
+    from evaluation.speed import bar_chart, format_table, measure_all
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     specs = with_variant([parse_model_arg(m) for m in models], variant)
-    results = add_ratios([measure_in_fresh_process(spec, [prompt] * batch_size, num_inference_steps, repeats, dtype, device,
-                                  clip_model, clip_weights) for spec in specs])
+    results = measure_all(specs, [prompt] * batch_size, num_inference_steps, repeats, dtype, device, clip_model,
+                          clip_weights)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "speed.json").write_text(json.dumps({"device": str(device), "results": results}, indent=2))

@@ -1,10 +1,15 @@
-"""`evaluation speed`: time per denoising step, time per image and peak memory of several models, measured
-one after another in one process at the same batch size, prompts and step count, with ratios to the guided
-teacher (the seed's Figures 3-4 and 8-9).
+"""`evaluation speed`: time per denoising step, time per image and peak memory of several models at the same
+batch size, prompts and step count, with ratios to the guided teacher (the seed's Figures 3-4 and 8-9).
 
-Each model is measured in a fresh process. CUDA: CUDA-synchronised wall time, `max_memory_allocated` above what
-the loaded model holds. CPU: wall time, and the growth of peak RSS over the runs above the RSS after loading
-(Linux: VmHWM reset via clear_refs).
+Times: all models are loaded in one process and timed interleaved, in turns of one batch each in rotating order
+(A, B, C, then B, C, A, ...: `evaluation.timing.Turns`), one warm-up turn then `repeats` timed turns, so a load
+on the machine that comes and goes hits every model alike; a model's seconds per batch is the median of its
+turns, and each time ratio also gets the median, min and max of its per-turn ratios. CUDA: synchronised wall
+time; CPU: wall time.
+
+Memory: each model in a fresh process (no model inherits another's allocator pages or peak RSS), a warm-up and
+one run. CUDA: `max_memory_allocated` above what the loaded model holds. CPU: the growth of peak RSS over the
+runs above the RSS after loading (Linux: VmHWM reset via clear_refs).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,8 +29,11 @@ import torch
 from evaluation.models import ModelSpec
 from evaluation.render import Renderer
 from evaluation.report import markdown_table
+from evaluation.timing import Turns
 
 MB = 2**20
+MEMORY_REPEATS = 1  # runs after the warm-up in a memory process: its times are not the ones reported
+TURN_SECONDS = "seconds_per_batch_by_turn"  # a model's seconds per batch in each timed turn, in turn order
 
 
 def _rss(field: str) -> int | None:
@@ -79,7 +89,8 @@ def count_unet_rows(unet) -> list[int]:
 def measure(spec: ModelSpec, prompts: list[str], steps: int, repeats: int, dtype: str, device, clip_model=None,
             clip_weights=None) -> dict:
     """Load one model, then run it 1 + `repeats` times (the first is a warm-up, not timed); the memory probe
-    covers all runs, so on a CPU the first run's new pages count. Meant to run in a fresh process."""
+    covers all runs, so on a CPU the first run's new pages count. Meant to run in a fresh process: `measure_all`
+    keeps its memory, UNet passes and step count, and replaces its times with interleaved ones."""
     probe = MemoryProbe(torch.device(device))
     before_load = probe.level()
     renderer = Renderer(spec, steps, dtype, device, clip_model or "ViT-g-14", clip_weights)
@@ -128,6 +139,49 @@ def measure_in_fresh_process(spec: ModelSpec, prompts: list[str], steps: int, re
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def interleaved_seconds(contenders: dict[str, Callable[[], object]], repeats: int,
+                        synchronize: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each contender over `repeats` turns in rotating order, after one warm-up turn (run in
+    the first turn's order, then dropped)."""
+    turns = Turns(contenders, synchronize)
+    for _ in range(1 + repeats):
+        turns.run()
+    return {name: seconds[1:] for name, seconds in turns.seconds.items()}
+
+
+def time_interleaved(specs: list[ModelSpec], prompts: list[str], steps: int, repeats: int, dtype: str, device,
+                     clip_model=None, clip_weights=None) -> list[list[float]]:
+    """Load every model in this process, then time one batch of each per turn: each model's seconds per batch in
+    every timed turn, in the order of `specs`."""
+    seeds = list(range(len(prompts)))
+    renderers = [Renderer(spec, steps, dtype, device, clip_model or "ViT-g-14", clip_weights) for spec in specs]
+    contenders = {str(i): partial(r.latents, prompts, seeds) for i, r in enumerate(renderers)}
+    cuda = torch.device(device).type == "cuda"
+    seconds = interleaved_seconds(contenders, repeats, torch.cuda.synchronize if cuda else None)
+    del renderers, contenders
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return [seconds[str(i)] for i in range(len(specs))]
+
+
+def with_turn_seconds(result: dict, seconds: list[float]) -> dict:
+    """A fresh-process result with its times replaced by the interleaved turns' (the median batch)."""
+    batch_seconds = statistics.median(seconds)
+    return {**result, TURN_SECONDS: seconds, "seconds_per_image": batch_seconds / result["batch_size"],
+            "seconds_per_step": batch_seconds / result["steps"]}
+
+
+def measure_all(specs: list[ModelSpec], prompts: list[str], steps: int, repeats: int, dtype: str, device,
+                clip_model=None, clip_weights=None) -> list[dict]:
+    """Memory (and UNet passes) of each model in a fresh process, first, while this one holds no model; then the
+    times of all of them interleaved in this process; with ratios to the teachers."""
+    options = dict(dtype=dtype, device=device, clip_model=clip_model, clip_weights=clip_weights)
+    results = [measure_in_fresh_process(spec, prompts, steps, MEMORY_REPEATS, **options) for spec in specs]
+    times = time_interleaved(specs, prompts, steps, repeats, **options)
+    return add_ratios([with_turn_seconds(result, seconds) for result, seconds in zip(results, times)])
+
+
 def _child(job: dict) -> None:
     spec = job.pop("spec")
     spec = ModelSpec(**{**spec, "folder": Path(spec["folder"])})
@@ -140,7 +194,9 @@ if __name__ == "__main__":
 
 def add_ratios(results: list[dict]) -> list[dict]:
     """Time per image and peak memory over the CFG-guided teacher's and over the classifier-guided teacher's,
-    where present (per image, so a one-step generator compares with an N-step teacher as a user sees it)."""
+    where present (per image, so a one-step generator compares with an N-step teacher as a user sees it). Where
+    both have interleaved turns, each time ratio gets `_median`, `_min` and `_max`: of the per-turn ratios (the
+    model's seconds in turn k over the teacher's in turn k)."""
     references = {
         "cfg": next((r for r in results if r["kind"] == "teacher" and r["guidance_scale"] != 1), None),
         "classifier": next((r for r in results if r["kind"] == "teacher-classifier"), None),
@@ -150,15 +206,27 @@ def add_ratios(results: list[dict]) -> list[dict]:
             if ref is None:
                 continue
             result[f"time_over_{name}_teacher"] = result["seconds_per_image"] / ref["seconds_per_image"]
+            result.update(turn_ratio_spread(f"time_over_{name}_teacher", result, ref))
             if result["peak_memory_mb"] and ref["peak_memory_mb"]:
                 result[f"memory_over_{name}_teacher"] = result["peak_memory_mb"] / ref["peak_memory_mb"]
     return results
 
 
+def turn_ratio_spread(field: str, result: dict, ref: dict) -> dict:
+    """`field`_median, _min and _max of the per-turn time-per-image ratios of `result` over `ref` (none without
+    turns). The ratio of the medians, `field`, lies between min and max; the reference's own are all exactly 1."""
+    if TURN_SECONDS not in result or TURN_SECONDS not in ref:
+        return {}
+    ratios = [(seconds / result["batch_size"]) / (ref_seconds / ref["batch_size"])
+              for seconds, ref_seconds in zip(result[TURN_SECONDS], ref[TURN_SECONDS], strict=True)]
+    return {f"{field}_median": statistics.median(ratios), f"{field}_min": min(ratios), f"{field}_max": max(ratios)}
+
+
 def format_table(results: list[dict]) -> list[str]:
     columns = ["label", "unet_passes_per_step", "seconds_per_step", "seconds_per_image", "peak_memory_mb",
-               "time_over_cfg_teacher", "memory_over_cfg_teacher", "time_over_classifier_teacher",
-               "memory_over_classifier_teacher"]
+               "time_over_cfg_teacher", "time_over_cfg_teacher_min", "time_over_cfg_teacher_max",
+               "memory_over_cfg_teacher", "time_over_classifier_teacher", "time_over_classifier_teacher_min",
+               "time_over_classifier_teacher_max", "memory_over_classifier_teacher"]
     columns = [c for c in columns if any(c in r for r in results)]
     return markdown_table(columns, [[r.get(c) for c in columns] for r in results])
 

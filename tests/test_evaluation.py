@@ -125,7 +125,7 @@ def test_model_kinds_and_their_refusals(teacher_dir, cfg_student):
 def test_speed_counts_passes_per_step(teacher_dir, cfg_student, tmp_path):
     out = tmp_path / "speed"
     assert main(["speed", "--model", f"{teacher_dir}@cfg=7.5", "--model", f"{teacher_dir}@blue=100",
-                 "--model", str(cfg_student), "--out", str(out), "--num-inference-steps", "3", "--repeats", "1",
+                 "--model", str(cfg_student), "--out", str(out), "--num-inference-steps", "3", "--repeats", "2",
                  "--batch-size", "2"]) == 0
     results = {r["kind"]: r for r in json.loads((out / "speed.json").read_text())["results"]}
     assert results["teacher"]["unet_passes_per_step"] == 2.0  # cond + uncond
@@ -133,7 +133,48 @@ def test_speed_counts_passes_per_step(teacher_dir, cfg_student, tmp_path):
     assert results["teacher-classifier"]["unet_passes_per_step"] == 1.0
     assert results["teacher-classifier"]["backward_per_step"] is True
     assert results["teacher"]["time_over_cfg_teacher"] == 1.0 and "time_over_classifier_teacher" in results["cfg-distill"]
-    assert (out / "speed.png").is_file() and "seconds_per_step" in (out / "speed.md").read_text()
+    for result in results.values():  # times from 2 interleaved turns, the median batch; memory from a fresh process
+        turns = result["seconds_per_batch_by_turn"]
+        assert len(turns) == 2 and result["seconds_per_image"] == pytest.approx(sum(turns) / 2 / 2)
+        assert result["peak_memory_mb"] is None or result["peak_memory_mb"] >= 0
+    references = [("teacher", "time_over_cfg_teacher"), ("teacher-classifier", "time_over_classifier_teacher")]
+    for teacher, field in references:
+        assert [results[teacher][f"{field}{s}"] for s in ("", "_median", "_min", "_max")] == [1.0] * 4
+        for result in results.values():
+            assert result[f"{field}_min"] <= result[field] <= result[f"{field}_max"]
+            assert result[f"{field}_min"] <= result[f"{field}_median"] <= result[f"{field}_max"]
+    header = (out / "speed.md").read_text().splitlines()[0]
+    assert "seconds_per_step" in header and "time_over_cfg_teacher_min | time_over_cfg_teacher_max" in header
+    assert (out / "speed.png").is_file()
+
+
+def test_speed_interleaves_models_in_rotating_turns(monkeypatch):
+    from functools import partial
+    from types import SimpleNamespace
+
+    from evaluation import speed
+
+    calls = []
+    seconds = speed.interleaved_seconds({name: partial(calls.append, name) for name in "abc"}, repeats=3)
+    assert "".join(calls) == "abc" + "bca" + "cab" + "abc"  # a warm-up turn, then 3 timed turns, rotating
+    assert {name: len(s) for name, s in seconds.items()} == {"a": 3, "b": 3, "c": 3}
+
+    def fake_fresh(spec, prompts, steps, repeats, **_):  # memory process: 1 run after warm-up, times discarded
+        assert repeats == speed.MEMORY_REPEATS == 1
+        return {"label": spec.label, "kind": spec.kind, "guidance_scale": spec.guidance_scale,
+                "batch_size": len(prompts), "steps": 4, "seconds_per_image": 99.0, "peak_memory_mb": 10.0}
+
+    turns = [[2.0, 4.0, 3.0], [1.0, 1.0, 3.0]]  # reference, then a model at 1/2, 1/4, 1
+    monkeypatch.setattr(speed, "measure_in_fresh_process", fake_fresh)
+    monkeypatch.setattr(speed, "time_interleaved", lambda specs, *a, **k: turns[:len(specs)])
+    specs = [SimpleNamespace(label=label, kind=kind, guidance_scale=scale)
+             for label, kind, scale in [("cfg", "teacher", 7.5), ("student", "cfg-distill", 1.0)]]
+    teacher, student = speed.measure_all(specs, ["p", "p"], 4, 3, "fp32", "cpu")
+    assert teacher["seconds_per_image"] == 1.5 and teacher["seconds_per_step"] == 0.75
+    assert student["time_over_cfg_teacher"] == 1 / 3  # median 1 over median 3
+    assert (student["time_over_cfg_teacher_median"], student["time_over_cfg_teacher_min"],
+            student["time_over_cfg_teacher_max"]) == (0.5, 0.25, 1.0)
+    assert [teacher[f"time_over_cfg_teacher{s}"] for s in ("", "_median", "_min", "_max")] == [1.0] * 4
 
 
 def test_sweep_writes_csv_and_plot(teacher_dir, cfg_student, coco, extractors, tmp_path):

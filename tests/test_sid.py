@@ -54,9 +54,11 @@ def _step(cfg, accelerator, nets, phase, prompt_file, iteration=0):
 def test_generator_step_trains_the_generator_only_and_drops_a_planted_nan(teacher_dir, prompt_file, tmp_path):
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+    from trainer.optim import kernel
     from trainer.sid import FAKE, GENERATOR
 
     cfg, accelerator, nets = _networks(teacher_dir, prompt_file, tmp_path)
+    assert kernel(nets.generator_optimizer) == kernel(nets.fake_optimizer) == "fused"  # trainer.optim's choice
     generator, fake = nets.generator, nets.fake
     fired = set()
     for name, module in (("generator", generator), ("fake", fake)):

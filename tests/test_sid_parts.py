@@ -17,8 +17,8 @@ from diffusion.unet import guided_eps, guided_x0
 from trainer.ema import ema_beta
 from trainer.losses import finite_samples, sid_fake_score_loss, sid_generator_loss, sid_omega
 from trainer.prompts import PromptSampler, read_prompts
-from trainer.sid import (FAKE, GENERATOR, SidState, StepResult, draw_micro_batch, nonfinite_stop,
-                         zero_gradient_of_dropped)
+from trainer.sid import (FAKE, GENERATOR, SidState, StepResult, clean_gradients, draw_micro_batch,
+                         nonfinite_stop, zero_gradient_of_dropped)
 from trainer.sid_config import SidConfig
 
 
@@ -149,6 +149,26 @@ def test_guided_denoiser_batches_cond_and_uncond_unless_kappa_is_one(teacher, sd
     assert torch.allclose(eps_3, eps_uncond + 3.0 * (eps_cond - eps_uncond), atol=1e-5)
     assert torch.allclose(eps_3 - eps_2, eps_cond - eps_uncond, atol=1e-5)
     assert torch.allclose(x0, teacher.schedule.eps_to_x0(z, eps_3, t), atol=1e-6)
+
+
+def _with_gradients(*grads: list[float]) -> torch.nn.Module:
+    module = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(len(g))) for g in grads])
+    for parameter, values in zip(module, grads):
+        parameter.grad = torch.tensor(values)
+    return module
+
+
+def test_clean_gradients_replaces_only_non_finite_values_and_says_so():
+    inf = float("inf")
+    module = _with_gradients([1.0, float("nan"), -2.0], [inf, -inf, 3e38])
+    assert clean_gradients(module, None)
+    assert module[0].grad.tolist() == [1.0, 0.0, -2.0]
+    assert module[1].grad.tolist() == [1e5, -1e5, pytest.approx(3e38)]
+    huge = _with_gradients([3e38, 3e38], [0.5])  # finite, but its norm overflows float32: nothing to replace
+    assert not clean_gradients(huge, None) and huge[0].grad.tolist() == [pytest.approx(3e38)] * 2
+    clipped = _with_gradients([0.5, -4.0, float("nan")])
+    assert clean_gradients(clipped, 1.0) and clipped[0].grad.tolist() == [0.5, -1.0, 0.0]
+    assert not clean_gradients(_with_gradients([1.0, 2.0]), None)
 
 
 def test_ema_decay_by_half_life_with_ramp_up():

@@ -55,6 +55,9 @@ def cli() -> None:
 @option("adam_weight_decay", "AdamW weight decay.", type=float)
 @option("adam_epsilon", "AdamW epsilon [sid-lsg: 1e-8, 1e-6 under fp16].", type=float)
 @option("max_grad_norm", "Clip the gradient norm to this (0: no clipping).", type=float)
+@click.option("--keep-grad-buffers/--free-grad-buffers", "keep_grad_buffers", default=FitConfig.keep_grad_buffers,
+              show_default=True, help="Zero the gradients in place between optimiser steps instead of freeing them "
+              "(the same weights; measured slower and larger on a CPU, see trainer/optim.py).")
 @option("mixed_precision", "Autocast precision; the trained weights stay float32.", type=click.Choice(MIXED_PRECISION))
 @option("gradient_checkpointing", "Recompute UNet activations in the backward pass to save memory.", is_flag=True)
 @option("xformers", "Use xformers attention instead of PyTorch SDPA (needs the xformers extra).", is_flag=True)

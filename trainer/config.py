@@ -64,6 +64,7 @@ class ShardLoopConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping
+    keep_grad_buffers: bool = False  # zero gradients in place between steps instead of freeing them (trainer.optim)
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     xformers: bool = False

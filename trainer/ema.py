@@ -1,10 +1,29 @@
-"""EMA of a network by half-life in images, with ramp-up (Karras et al. 2022, EDM's training loop; SiD uses it)."""
+"""Exponential moving averages of weights, both updated by one multi-tensor kernel (`lerp_toward_`):
+
+- `HalfLifeEMA`, by half-life in images with ramp-up (Karras et al. 2022, EDM's training loop; SiD uses it),
+  a frozen copy of the network (sid-lsg samples its grids from it and exports it);
+- `WarmupEMA`, diffusers' EMAModel (decay with warm-up, `store`/`copy_to`/`restore`, its state_dict: so
+  checkpoints keep their format) with its update done by the same kernel (cfg-, classifier-, w-distill and
+  progressive).
+
+One `torch._foreach_lerp_` over all tensors costs about 0.4x a lerp and a copy per tensor, or diffusers' own
+update, foreach or not (benchmarks/README.md). The result differs from those only in rounding.
+"""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
+from diffusers.training_utils import EMAModel
+
+
+@torch.no_grad()
+def lerp_toward_(averages: list[torch.Tensor], currents: list[torch.Tensor], weight: float) -> None:
+    """average <- average + weight (current - average) for every pair, in one multi-tensor kernel; weight is
+    1 - decay."""
+    torch._foreach_lerp_(averages, [c.detach() for c in currents], weight)
 
 
 def ema_beta(batch_images: int, images_seen: int, halflife_kimg: float, rampup: float | None) -> float:
@@ -26,13 +45,29 @@ class HalfLifeEMA:
     @torch.no_grad()
     def update(self, source: torch.nn.Module, batch_images: int, images_seen: int) -> None:
         beta = ema_beta(batch_images, images_seen, self.halflife_kimg, self.rampup)
-        for average, current in zip(self.model.parameters(), source.parameters()):
-            average.copy_(current.detach().lerp(average, beta))
-        for average, current in zip(self.model.buffers(), source.buffers()):
-            average.copy_(current)
+        lerp_toward_(list(self.model.parameters()), list(source.parameters()), 1.0 - beta)
+        if buffers := list(self.model.buffers()):
+            torch._foreach_copy_(buffers, list(source.buffers()))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state)
+
+
+class WarmupEMA(EMAModel):
+    """diffusers' EMAModel (same decay schedule, same state_dict) whose step is one `lerp_toward_` over the
+    trained parameters; frozen ones are copied, as EMAModel does. EMAModel's DeepSpeed ZeRO-3 gathering is
+    left out: the trainer does not run under DeepSpeed."""
+
+    @torch.no_grad()
+    def step(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        parameters = list(parameters)
+        self.optimization_step += 1
+        decay = self.get_decay(self.optimization_step)
+        self.cur_decay_value = decay
+        pairs = list(zip(self.shadow_params, parameters))
+        lerp_toward_([s for s, p in pairs if p.requires_grad], [p for _, p in pairs if p.requires_grad], 1.0 - decay)
+        if frozen := [(s, p) for s, p in pairs if not p.requires_grad]:
+            torch._foreach_copy_([s for s, _ in frozen], [p for _, p in frozen])

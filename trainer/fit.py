@@ -14,14 +14,13 @@ import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import GradScalerKwargs, ProjectConfiguration
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from diffusion.errors import UserError
@@ -37,9 +36,11 @@ from shards.reader import ShardStream
 from shards.verify import folder_problems
 from trainer.config import FitConfig
 from trainer.data import MicroBatches, position_generator
+from trainer.ema import WarmupEMA
 from trainer.export import inference_recipe, save_student
 from trainer.losses import (cfg_distill_loss, classifier_distill_loss, sample_w, w_distill_eps_loss, w_distill_loss,
                             w_distill_target)
+from trainer.optim import clear_gradients, make_adam
 from trainer.outdir import prepare_out
 from trainer.resume import TrainState, resume_checkpoint, save_checkpoint
 from trainer.stop import StopRequest
@@ -120,20 +121,21 @@ def build_student(cfg: FitConfig, teacher_root: Path) -> UNet2DConditionModel:
     return prepare_unet(unet, cfg)
 
 
-def make_optimizer(cfg, student) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+def make_optimizer(cfg, student, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """AdamW over the student, its kernel chosen for `device`, where it will train (trainer.optim)."""
+    return make_adam(student.parameters(), decoupled=True, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                     weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, device=device)
 
 
 def make_lr_scheduler(cfg, optimizer, steps: int):
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=steps)
 
 
-def make_ema(cfg, student, device) -> EMAModel | None:
-    """diffusers' EMAModel with warm-up over the student's weights, or None when --ema-decay is 0."""
+def make_ema(cfg, student, device) -> WarmupEMA | None:
+    """An EMA of the student's weights with diffusers' warm-up, or None when --ema-decay is 0."""
     if not cfg.ema_decay:
         return None
-    ema = EMAModel(student.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
+    ema = WarmupEMA(student.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
     ema.to(device)
     return ema
 
@@ -214,17 +216,19 @@ def train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, loss_fn,
             accelerator.backward(loss / accum)
             total += float(flags[2]) / accelerator.num_processes / accum
     if skip:
-        optimizer.zero_grad(set_to_none=True)
+        clear_gradients(optimizer, cfg.keep_grad_buffers)
         return None
     if cfg.max_grad_norm > 0:
         accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
     optimizer.step()
     lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    clear_gradients(optimizer, cfg.keep_grad_buffers)
     if ema is not None:
         ema.step(accelerator.unwrap_model(student).parameters())
     return total
 
+
+AfterStep = Callable[[float], None]  # called with a step's seconds after it, outside them (benchmarks interleave)
 
 W_CONVENTION = ("w is diffusers' guidance_scale s in eps_uncond + s (eps_cond - eps_uncond); the UNet's "
                 "timestep_cond is the sinusoidal embedding of s - 1 (Meng et al.'s w), as StableDiffusionPipeline "
@@ -274,11 +278,11 @@ def export_student(cfg, accelerator, student, ema, info, run, teacher, state) ->
 
 
 def run_steps(cfg, accelerator, state: TrainState, until: int, step, checkpoint, current_lr, description: str,
-              first: int = 0) -> tuple[str, list[float]]:
+              first: int = 0, after_step: AfterStep | None = None) -> tuple[str, list[float]]:
     """Call `step(stop, key_log)` until state.step reaches `until`, with a progress bar from `first`, tracker
     logs, checkpoints (every --checkpoint-every steps, at `until`, on Ctrl-C/SIGTERM) and the stop after
     --max-nonfinite-steps skipped steps in a row. Returns ("done" or "interrupted", each step's seconds: data
-    wait included, checkpoints not)."""
+    wait included, checkpoints not). `after_step(seconds)` is called after each step, outside its time."""
     status, seconds = "done", []
     progress_bar = tqdm(total=until - first, initial=state.step - first, desc=description, unit="step",
                         disable=not accelerator.is_main_process)
@@ -287,6 +291,8 @@ def run_steps(cfg, accelerator, state: TrainState, until: int, step, checkpoint,
             started = time.perf_counter()
             loss = step(stop, key_log)
             seconds.append(time.perf_counter() - started)
+            if after_step is not None:
+                after_step(seconds[-1])
             state.record(loss)
             progress.update(1)
             if loss is not None:
@@ -315,9 +321,9 @@ def _open_key_log(cfg: FitConfig, accelerator):
     return path.open("a", buffering=1)
 
 
-def run_fit(cfg: FitConfig) -> dict[str, Any]:
+def run_fit(cfg: FitConfig, after_step: AfterStep | None = None) -> dict[str, Any]:
     """Train (or resume) and export. Returns status ("done" or "interrupted"), step, loss, and the seconds of
-    each step this run took (for benchmarks)."""
+    each step this run took. Benchmarks pass `after_step(seconds)` to time other work between the steps."""
     quiet_library_progress()
     accelerator = make_accelerator(cfg)
     info = check_shards(cfg)
@@ -329,7 +335,7 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, teacher.root)
     set_trained_resolution(student, info["resolution"], teacher.root)
-    optimizer = make_optimizer(cfg, student)
+    optimizer = make_optimizer(cfg, student, accelerator.device)
     lr_scheduler = make_lr_scheduler(cfg, optimizer, cfg.max_steps)
     ema = make_ema(cfg, student, accelerator.device)
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -359,7 +365,7 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
                         cfg.checkpoints_total_limit)
 
     status, step_seconds = run_steps(cfg, accelerator, state, cfg.max_steps, step, checkpoint,
-                                     lambda: lr_scheduler.get_last_lr()[0], f"fit {cfg.method}")
+                                     lambda: lr_scheduler.get_last_lr()[0], f"fit {cfg.method}", after_step=after_step)
     if status == "done":
         export_student(cfg, accelerator, student, ema, info, run, teacher, state)
     accelerator.end_training()

@@ -29,8 +29,8 @@ from shards.manifest import MANIFEST, read_dataset_info
 from trainer.config import ProgressiveConfig
 from trainer.export import read_distillation, save_student
 from trainer.fit import (
-    TEACHER_DTYPE, W_CONVENTION, init_trackers, make_accelerator, make_ema, make_lr_scheduler, make_optimizer,
-    prepare_unet, refuse_damaged_shards, run_steps, shard_micro_batches, train_step,
+    TEACHER_DTYPE, W_CONVENTION, AfterStep, init_trackers, make_accelerator, make_ema, make_lr_scheduler,
+    make_optimizer, prepare_unet, refuse_damaged_shards, run_steps, shard_micro_batches, train_step,
 )
 from trainer.losses import progressive_loss, progressive_target, sample_w
 from trainer.outdir import prepare_out
@@ -137,9 +137,9 @@ def use_grid_scheduler(folder: Path) -> None:
     (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def run_progressive(cfg: ProgressiveConfig) -> dict[str, Any]:
+def run_progressive(cfg: ProgressiveConfig, after_step: AfterStep | None = None) -> dict[str, Any]:
     """Every round not yet written, resuming the one a checkpoint stopped in. Returns status, step, the round
-    folders and each step's seconds."""
+    folders and each step's seconds; `after_step` as in run_fit."""
     quiet_library_progress()
     accelerator = make_accelerator(cfg)
     start_record, w_range, resolution = check_inputs(cfg)
@@ -153,7 +153,7 @@ def run_progressive(cfg: ProgressiveConfig) -> dict[str, Any]:
     student = prepare_unet(student, cfg)
     set_trained_resolution(student, resolution, base.root)
     teacher_unet = load_unet(base.root, base.dtype).to(accelerator.device).eval().requires_grad_(False)
-    optimizer = make_optimizer(cfg, student)
+    optimizer = make_optimizer(cfg, student, accelerator.device)
     student, optimizer = accelerator.prepare(student, optimizer)
     lr_scheduler = make_lr_scheduler(cfg, optimizer, cfg.iters_per_round)
     ema = make_ema(cfg, student, accelerator.device)
@@ -201,7 +201,7 @@ def run_progressive(cfg: ProgressiveConfig) -> dict[str, Any]:
         status, round_seconds = run_steps(cfg, accelerator, state, end, step, checkpoint,
                                           lambda: lr_scheduler.get_last_lr()[0],
                                           f"round {number + 1}/{len(cfg.round_steps)}: {2 * steps} -> {steps} steps",
-                                          first=number * k)
+                                          first=number * k, after_step=after_step)
         seconds += round_seconds
         if status == "interrupted":
             accelerator.end_training()

@@ -40,6 +40,7 @@ class SidConfig:
     adam_beta1: float = 0.0
     adam_beta2: float = 0.999
     adam_epsilon: float | None = None  # 1e-8, or 1e-6 under fp16
+    keep_grad_buffers: bool = False  # zero gradients in place between steps instead of freeing them (trainer.optim)
     ema_halflife_kimg: float = 50.0  # 0: no EMA
     ema_rampup: float = 0.05  # half-life at most ema_rampup x images seen
     mixed_precision: str = "no"
