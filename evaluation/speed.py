@@ -29,7 +29,7 @@ import torch
 from evaluation.models import ModelSpec
 from evaluation.render import Renderer
 from evaluation.report import markdown_table
-from evaluation.timing import Turns
+from evaluation.timing import Turns, ratio
 
 MB = 2**20
 MEMORY_REPEATS = 1  # runs after the warm-up in a memory process: its times are not the ones reported
@@ -213,13 +213,13 @@ def add_ratios(results: list[dict]) -> list[dict]:
 
 
 def turn_ratio_spread(field: str, result: dict, ref: dict) -> dict:
-    """`field`_median, _min and _max of the per-turn time-per-image ratios of `result` over `ref` (none without
-    turns). The ratio of the medians, `field`, lies between min and max; the reference's own are all exactly 1."""
+    """`field`_median, _min and _max of the per-turn time ratios of `result` over `ref` (none without turns):
+    `evaluation.timing.ratio` with one block per turn (every model renders the same batch, so per batch is per
+    image). The ratio of the medians, `field`, lies between min and max; the reference's own are all exactly 1."""
     if TURN_SECONDS not in result or TURN_SECONDS not in ref:
         return {}
-    ratios = [(seconds / result["batch_size"]) / (ref_seconds / ref["batch_size"])
-              for seconds, ref_seconds in zip(result[TURN_SECONDS], ref[TURN_SECONDS], strict=True)]
-    return {f"{field}_median": statistics.median(ratios), f"{field}_min": min(ratios), f"{field}_max": max(ratios)}
+    spread = ratio(result[TURN_SECONDS], ref[TURN_SECONDS], blocks=len(ref[TURN_SECONDS]), skip=0)
+    return {f"{field}_median": spread.median, f"{field}_min": spread.low, f"{field}_max": spread.high}
 
 
 def format_table(results: list[dict]) -> list[str]:
