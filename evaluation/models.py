@@ -21,7 +21,8 @@ from diffusion.errors import UserError, one_line
 from diffusion.guidance import COEFFICIENTS, DEFAULT_COEFFICIENT
 from diffusion.teacher import (DTYPES, LOAD_ERRORS, check_teacher_files, load_model, quiet_library_progress,
                                resolve_teacher_dir)
-from trainer.export import read_distillation
+from students.folder import read_distillation
+from students.lora import refuse_unmerged
 
 DEFAULT_TEACHER_SCALE = 7.5
 ONE_STEP_KINDS = ("sid-lsg",)
@@ -71,6 +72,7 @@ def describe_model(model: str, guidance_scale: float | None = None, classifier_g
     """Read the model kind from distillation.json (absent: the teacher) and check the scale makes sense for it.
     `coefficient` (c_t of classifier guidance: sqrt-beta or sigma) applies to a classifier-guided teacher only."""
     folder = resolve_teacher_dir(model)
+    refuse_unmerged(folder, read_distillation(folder), "--model")
     if not (folder / "model_index.json").is_file():
         raise UserError(f"{folder} is not a StableDiffusionPipeline folder (no model_index.json)")
     record = read_distillation(folder)

@@ -291,3 +291,55 @@ def test_damaged_shards_are_refused_before_any_round(w_student, cfg_shards, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"Error: --shards {shards} is damaged: {shard.file}: 8192 bytes (manifest says {shard.bytes}); "
                    f"run `pipeline inspect {shards}`"]
+
+
+def test_lora_rounds_resume_exactly_share_one_base_and_load_in_stock_diffusers(w_student, cfg_shards, tmp_path,
+                                                                             monkeypatch):
+    """LoRA rounds: every round's adapter sits on the starting student's UNet; a stop inside round 2 resumed ==
+    uninterrupted, adapter bit for bit; the stock call (start student + load_lora_weights) == the merged round."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    import trainer.fit
+    from diffusion.unet import w_condition
+    from students.lora import LORA_FILE
+    from trainer.stop import StopRequest
+
+    extra = ["--start-steps", 4, "--end-steps", 1, "--iters-per-round", 3, "--gradient-accumulation-steps", 2,
+             "--ema-decay", 0.9, "--checkpoint-every", 2, "--lr", 1e-2, "--lora-rank", 4]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert trainer_main(progressive_args(w_student, cfg_shards, straight, *extra, "--merge")) == 0
+
+    class StopAtStep4(StopRequest):  # Ctrl-C during the second round's first step (global step 4)
+        calls = 0
+
+        @property
+        def requested(self):
+            StopAtStep4.calls += 1
+            return StopAtStep4.calls > 6
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr(trainer.fit, "StopRequest", StopAtStep4)
+    assert trainer_main(progressive_args(w_student, cfg_shards, split, *extra)) == 130
+    monkeypatch.undo()
+    assert trainer_main(progressive_args(w_student, cfg_shards, split, *extra, "--resume", "latest")) == 0
+    adapters = {}
+    for steps in ("02", "01"):
+        a, b = (load_file(run / f"round-{steps}steps" / LORA_FILE) for run in (straight, split))
+        assert a and all(torch.equal(a[k], b[k]) for k in a), steps
+        adapters[steps] = a
+        record = json.loads((straight / f"round-{steps}steps/distillation.json").read_text())
+        assert record["adapter"]["base"] == str(w_student.resolve())  # not the previous round
+    assert any(not torch.equal(adapters["02"][k], adapters["01"][k]) for k in adapters["02"])
+    assert not (split / "round-01steps/unet").exists()  # no --merge: the adapter files only
+
+    pipe = StableDiffusionPipeline.from_pretrained(w_student, safety_checker=None)
+    pipe.load_lora_weights(straight / "round-01steps")
+    merged = UNet2DConditionModel.from_pretrained(straight / "round-01steps", subfolder="unet")
+    z, t, text = torch.randn(2, 4, 16, 16), torch.tensor([999, 500]), torch.randn(2, 77, 32)
+    cond = w_condition(torch.tensor([2.0, 3.0]), merged)
+    with torch.no_grad():
+        a, b = pipe.unet(z, t, text, timestep_cond=cond).sample, merged(z, t, text, timestep_cond=cond).sample
+    assert ((a - b).norm() / b.norm()).item() <= 1e-4

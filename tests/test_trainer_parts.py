@@ -144,7 +144,8 @@ def test_overwrite_removes_only_what_a_run_writes(tmp_path):
         (out / folder).mkdir(parents=True)
     (out / "model_index.json").write_text(json.dumps({"_class_name": "x", "vae": ["diffusers", "AutoencoderKL"],
                                                       "safety_checker": [None, None]}))
-    for name in ("distillation.json", "samples/kimg-0000000.000.png", "samples/mine.png", "notes.txt"):
+    for name in ("distillation.json", "samples/kimg-0000000.000.png", "samples/mine.png", "notes.txt", "README.md",
+                 "pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
         (out / name).write_text("{}")
     assert earlier_run(out) == "checkpoints up to step 4 and a finished student and finished rounds round-02steps"
     prepare_out(SimpleNamespace(out=str(out), resume=None, overwrite=True), _OneProcess(), (str(out / "shards"),))

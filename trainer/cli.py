@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -74,9 +75,17 @@ def cli() -> None:
 @option("text_cache_size", "Caption embeddings kept between batches.", type=int)
 @option("report_to", "accelerate tracker for logs in OUT/logs (tensorboard, wandb, ..., or none).")
 @option("log_every", "Log to the tracker every N steps.", type=int)
+@option("validate_every", "Write OUT/samples/step-N.png (and log it to the tracker) every N steps and at step 0: the "
+        "student, its EMA if any, on --validation-prompts (0: never; sid-lsg: --grid-every-kimg).", type=int)
+@option("validation_prompts", "The prompts of the validation grids, seed i for prompt i: .txt one per line, or "
+        ".csv/.tsv/.parquet/.json with a caption column [needed by --validate-every].", type=click.Path(dir_okay=False))
 @option("max_nonfinite_steps", "Stop after this many steps in a row skipped for a non-finite loss.", type=int)
 @option("record_keys", "Write OUT/logs/keys-rankR.tsv: the step and key of every record each rank trained on.", is_flag=True)
 @option("verify", "Check every shard's sha256 against the manifest before training (the size check always runs).", is_flag=True)
+@option("lora_rank", "Train a rank-R LoRA adapter (peft) on the frozen UNet instead of the whole UNet (0: full); sid-lsg: adapters for the generator and the fake network on the teacher's own UNet.", type=int)
+@option("lora_alpha", "LoRA alpha: the adapter's output is scaled by alpha / rank [the rank].", type=float)
+@option("lora_targets", "LoRA target modules, comma-separated [to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2: attention and feed-forward projections].")
+@option("merge", "LoRA: also write the merged pipeline (base UNet + adapter folded in) into OUT; `trainer export OUT` does it later.", is_flag=True)
 @sid_option("prompts", "sid-lsg: prompt file: .txt, one per line (UTF-8 or UTF-16), or .csv/.tsv/.parquet/.json with --prompt-column.", type=click.Path(dir_okay=False))
 @sid_option("prompt_column", "sid-lsg: the caption column of a table or JSON prompt file.")
 @sid_option("kappa", "sid-lsg: kappa1 = kappa2 = kappa3 = kappa4 (LSG); 1 = no guidance.", type=float)
@@ -129,6 +138,24 @@ def fit(**options) -> None:
     if result["status"] == "interrupted":
         click.echo(f"interrupted at {where}; continue with --resume latest", err=True)
         raise click.exceptions.Exit(130)
+
+
+@cli.command("export")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--base", type=click.Path(exists=True, file_okay=False),
+              help="Apply the adapter to this pipeline instead (same architecture: a fine-tune of the base).")
+@click.option("--to", type=click.Path(file_okay=False), help="With --base: the student folder to write.")
+def export(out: str, base: str | None, to: str | None) -> None:
+    """Write the merged pipeline of the LoRA student in OUT into OUT: its base's UNet with the adapter folded
+    in (and the base's other components), which evaluation, progressive and any StableDiffusionPipeline load
+    like a full student. The adapter files stay beside it. With --base B --to DIR: the adapter folded into
+    B's UNet instead, as the student folder DIR (a LoRA student as an acceleration module for a fine-tune)."""
+    from students.lora import write_merged_pipeline
+
+    if (base is None) != (to is None):
+        raise UserError("--base and --to go together")
+    written = write_merged_pipeline(Path(out), base and Path(base), to and Path(to))
+    click.echo(f"merged pipeline written to {written}")
 
 
 def config_for_method(options: dict) -> FitConfig | SidConfig | ProgressiveConfig:

@@ -48,6 +48,11 @@ def require_at_least_one(config, names: tuple[str, ...]) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
 
 
+def lora_identity(config) -> dict[str, Any]:
+    """A LoRA run's adapter is part of what it is; a full student's identity holds nothing of it (as before)."""
+    return {"lora": config.lora.to_dict()} if config.lora is not None else {}
+
+
 @dataclass(kw_only=True)
 class ShardLoopConfig:
     """What every loop fed from shards takes: the data stream, the optimiser, precision, EMA, checkpoints, logs."""
@@ -80,9 +85,15 @@ class ShardLoopConfig:
     text_cache_size: int = 1024
     report_to: str = "tensorboard"
     log_every: int = 10
+    validate_every: int = 0  # validation grids every N steps (trainer.validation; 0: none)
+    validation_prompts: str | None = None  # their prompts, seed i for prompt i (needed by validate_every)
     max_nonfinite_steps: int = 10  # in a row
     record_keys: bool = False  # audit: which records each rank trained on
     verify: bool = False  # also check every shard's sha256 at start-up (sizes are always checked)
+    lora_rank: int = 0  # 0: train the whole UNet; R: a rank-R LoRA adapter on the frozen UNet (trainer.student)
+    lora_alpha: float | None = None  # the adapter's output is scaled by alpha / rank [rank]
+    lora_targets: str | None = None  # comma-separated module names [trainer.student.DEFAULT_LORA_TARGETS]
+    merge: bool = False  # LoRA: also write the merged pipeline (base + adapter in one UNet) into OUT
 
     def __post_init__(self) -> None:
         require_choice("lr-scheduler", self.lr_scheduler, LR_SCHEDULES)
@@ -92,6 +103,18 @@ class ShardLoopConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         require_one_way_to_start(self)
+        if self.validate_every < 0:
+            raise UserError(f"--validate-every must be 0 (no validation) or more, got {self.validate_every}")
+        if self.validate_every and not self.validation_prompts:
+            raise UserError("--validate-every needs --validation-prompts FILE: the prompts of the validation grids")
+        self.lora  # refuses bad LoRA options before any work
+
+    @property
+    def lora(self):
+        """The LoRA adapter to train, or None for a full student."""
+        from trainer.student import LoraSpec
+
+        return LoraSpec.from_options(self.lora_rank, self.lora_alpha, self.lora_targets)
 
     @property
     def loader_workers(self) -> int:
@@ -153,7 +176,7 @@ class FitConfig(ShardLoopConfig):
             identity["w_loss"] = self.w_loss
         if self.guidance_coefficient not in (None, DEFAULT_COEFFICIENT):  # absent: sqrt-beta, as before the option
             identity["guidance_coefficient"] = self.guidance_coefficient
-        return identity
+        return {**identity, **lora_identity(self)}
 
 
 @dataclass(kw_only=True)
@@ -194,4 +217,4 @@ class ProgressiveConfig(ShardLoopConfig):
     def identity(self) -> dict[str, Any]:
         keys = ("method", "start_steps", "end_steps", "iters_per_round", "w_min", "w_max", "batch_size",
                 "gradient_accumulation_steps", "seed")
-        return {k: getattr(self, k) for k in keys}
+        return {**{k: getattr(self, k) for k in keys}, **lora_identity(self)}

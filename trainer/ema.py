@@ -36,10 +36,16 @@ def ema_beta(batch_images: int, images_seen: int, halflife_kimg: float, rampup: 
 
 
 class HalfLifeEMA:
-    """A frozen copy of `model` whose weights trail the model's; state_dict()/load_state_dict() for checkpoints."""
+    """A frozen copy of `model` whose weights trail the model's; state_dict()/load_state_dict() for checkpoints.
+    `average` is the module to hold the average (a LoRA generator's: another adapter on the same base, see
+    trainer.student.AdapterView), set to the model's weights; default: a deep copy of `model`."""
 
-    def __init__(self, model: torch.nn.Module, halflife_kimg: float, rampup: float | None):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+    def __init__(self, model: torch.nn.Module, halflife_kimg: float, rampup: float | None,
+                 average: torch.nn.Module | None = None):
+        self.model = (copy.deepcopy(model) if average is None else average).eval().requires_grad_(False)
+        if average is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(list(average.parameters()), list(model.parameters()))
         self.halflife_kimg, self.rampup = halflife_kimg, rampup
 
     @torch.no_grad()

@@ -34,17 +34,21 @@ from shards.format import TENSORS_BY_KIND
 from shards.manifest import MANIFEST, read_dataset_info, recorded_coefficient
 from shards.reader import ShardStream
 from shards.verify import folder_problems
+from students.folder import inference_recipe
+from students.lora import EMBEDDING_WEIGHT
 from trainer.config import FitConfig
 from trainer.data import MicroBatches, position_generator
 from trainer.ema import WarmupEMA
-from trainer.export import inference_recipe, save_student
 from trainer.losses import (cfg_distill_loss, classifier_distill_loss, sample_w, w_distill_eps_loss, w_distill_loss,
                             w_distill_target)
 from trainer.optim import clear_gradients, make_adam
 from trainer.outdir import prepare_out
 from trainer.resume import TrainState, resume_checkpoint, save_checkpoint
 from trainer.stop import StopRequest
+from trainer.student import (averaged_weights, checkpoint_part, make_student, save_trained_student,
+                             trainable_parameters)
 from trainer.text_cache import TextEmbeddingCache
+from trainer.validation import fit_sampler, shard_loop_validation, step_validation
 
 TEACHER_DTYPE = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
@@ -100,7 +104,8 @@ def with_shard_coefficient(cfg: FitConfig, info: dict[str, Any]) -> FitConfig:
 
 
 def prepare_unet(unet: UNet2DConditionModel, cfg) -> UNet2DConditionModel:
-    """A UNet to train: gradient checkpointing and xformers as configured, train mode, trainable."""
+    """A UNet to train: gradient checkpointing and xformers as configured, train mode (what is trainable is
+    trainer.student's choice)."""
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if cfg.xformers:
@@ -109,22 +114,23 @@ def prepare_unet(unet: UNet2DConditionModel, cfg) -> UNet2DConditionModel:
         if not is_xformers_available():
             raise UserError("--xformers: xformers is not installed (pip install 'guided-distill[xformers]')")
         unet.enable_xformers_memory_efficient_attention()
-    return unet.train().requires_grad_(True)
+    return unet.train()
 
 
 def build_student(cfg: FitConfig, teacher_root: Path) -> UNet2DConditionModel:
-    """The teacher's UNet (its --variant's files) in float32, trainable; for w-distill with the zero-initialised w
-    embedding."""
+    """The teacher's UNet (its --variant's files) in float32, all trainable or with a LoRA adapter
+    (trainer.student); for w-distill with the zero-initialised w embedding, trained in both cases."""
     unet = load_unet(teacher_root, variant=cfg.variant)
     if cfg.method == "w-distill":
         unet = add_guidance_embedding(unet, cfg.w_embedding_dim)
-    return prepare_unet(unet, cfg)
+    return make_student(prepare_unet(unet, cfg), cfg.lora, (EMBEDDING_WEIGHT,) if cfg.method == "w-distill" else ())
 
 
 def make_optimizer(cfg, student, device: torch.device | None = None) -> torch.optim.Optimizer:
     """AdamW over the student, its kernel chosen for `device`, where it will train (trainer.optim)."""
-    return make_adam(student.parameters(), decoupled=True, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                     weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, device=device)
+    return make_adam(trainable_parameters(student), decoupled=True, lr=cfg.lr,
+                     betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                     eps=cfg.adam_epsilon, device=device)
 
 
 def make_lr_scheduler(cfg, optimizer, steps: int):
@@ -135,7 +141,7 @@ def make_ema(cfg, student, device) -> WarmupEMA | None:
     """An EMA of the student's weights with diffusers' warm-up, or None when --ema-decay is 0."""
     if not cfg.ema_decay:
         return None
-    ema = WarmupEMA(student.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
+    ema = WarmupEMA(trainable_parameters(student), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
     ema.to(device)
     return ema
 
@@ -224,7 +230,7 @@ def train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, loss_fn,
     lr_scheduler.step()
     clear_gradients(optimizer, cfg.keep_grad_buffers)
     if ema is not None:
-        ema.step(accelerator.unwrap_model(student).parameters())
+        ema.step(trainable_parameters(accelerator.unwrap_model(student)))
     return total
 
 
@@ -268,22 +274,24 @@ def _record(cfg: FitConfig, info: dict, run: dict, teacher, state: TrainState, a
 def export_student(cfg, accelerator, student, ema, info, run, teacher, state) -> None:
     unet = accelerator.unwrap_model(student)
     if accelerator.is_main_process:
-        if ema is not None:
-            ema.store(unet.parameters())
-            ema.copy_to(unet.parameters())
-        save_student(unet, teacher.root, Path(cfg.out), _record(cfg, info, run, teacher, state, accelerator))
-        if ema is not None:
-            ema.restore(unet.parameters())
+        with averaged_weights(ema, trainable_parameters(unet)):
+            save_trained_student(unet, cfg.lora, teacher.root, cfg.variant, Path(cfg.out),
+                                 _record(cfg, info, run, teacher, state, accelerator), cfg.merge)
     accelerator.wait_for_everyone()
 
 
 def run_steps(cfg, accelerator, state: TrainState, until: int, step, checkpoint, current_lr, description: str,
-              first: int = 0, after_step: AfterStep | None = None) -> tuple[str, list[float]]:
+              first: int = 0, after_step: AfterStep | None = None,
+              validate: Callable[[int], None] | None = None) -> tuple[str, list[float]]:
     """Call `step(stop, key_log)` until state.step reaches `until`, with a progress bar from `first`, tracker
     logs, checkpoints (every --checkpoint-every steps, at `until`, on Ctrl-C/SIGTERM) and the stop after
     --max-nonfinite-steps skipped steps in a row. Returns ("done" or "interrupted", each step's seconds: data
-    wait included, checkpoints not). `after_step(seconds)` is called after each step, outside its time."""
+    wait included, checkpoints not). `after_step(seconds)` is called after each step, outside its time;
+    `validate(step)` on the main process at step 0 of a fresh run and every --validate-every steps, outside it
+    too (trainer.validation)."""
     status, seconds = "done", []
+    if validate is not None and accelerator.is_main_process and state.step == 0:
+        validate(0)
     progress_bar = tqdm(total=until - first, initial=state.step - first, desc=description, unit="step",
                         disable=not accelerator.is_main_process)
     with _open_key_log(cfg, accelerator) as key_log, StopRequest() as stop, progress_bar as progress:
@@ -299,6 +307,8 @@ def run_steps(cfg, accelerator, state: TrainState, until: int, step, checkpoint,
                 progress.set_postfix(loss=f"{loss:.4g}", lr=f"{current_lr():.2g}")
                 if state.step % cfg.log_every == 0:
                     accelerator.log({"loss": loss, "lr": current_lr()}, step=state.step)
+            if validate is not None and accelerator.is_main_process and state.step % cfg.validate_every == 0:
+                validate(state.step)
             if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                 checkpoint()
                 raise NonFiniteLoss(f"stopped at step {state.step}: {state.nonfinite_in_a_row} non-finite losses in "
@@ -342,7 +352,8 @@ def run_fit(cfg: FitConfig, after_step: AfterStep | None = None) -> dict[str, An
 
     run = {"identity": cfg.identity(), "data_layout": cfg.data_layout(accelerator.num_processes),
            "teacher_fingerprint": teacher.fingerprint, "data_sha256": sha256_file(Path(cfg.shards) / MANIFEST)}
-    parts = {"unet": student, "optimizer": optimizer, "lr_scheduler": lr_scheduler, "ema": ema}
+    parts = {"unet": checkpoint_part(student, cfg.lora), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
+             "ema": ema}
     state = TrainState()
     if (resumed := resume_checkpoint(Path(cfg.out), cfg.resume, run, accelerator, parts)) is not None:
         state = TrainState.from_dict(resumed[1])
@@ -355,6 +366,8 @@ def run_fit(cfg: FitConfig, after_step: AfterStep | None = None) -> dict[str, An
                                   TENSORS_BY_KIND[cfg.shard_kind] + ("zt",), state.step)
     init_trackers(cfg, accelerator, "fit")
     loss_fn = partial(micro_batch_loss, cfg, student, teacher.schedule, accelerator.device)
+    validate = step_validation(shard_loop_validation(cfg, accelerator, teacher, student), accelerator, student, ema,
+                               partial(fit_sampler, cfg, teacher.schedule))
 
     def step(stop: StopRequest, key_log) -> float | None:
         return train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, loss_fn, text_cache, batches,
@@ -365,7 +378,8 @@ def run_fit(cfg: FitConfig, after_step: AfterStep | None = None) -> dict[str, An
                         cfg.checkpoints_total_limit)
 
     status, step_seconds = run_steps(cfg, accelerator, state, cfg.max_steps, step, checkpoint,
-                                     lambda: lr_scheduler.get_last_lr()[0], f"fit {cfg.method}", after_step=after_step)
+                                     lambda: lr_scheduler.get_last_lr()[0], f"fit {cfg.method}", after_step=after_step,
+                                     validate=validate)
     if status == "done":
         export_student(cfg, accelerator, student, ema, info, run, teacher, state)
     accelerator.end_training()

@@ -17,7 +17,7 @@ from diffusion.guidance import DEFAULT_COEFFICIENT, cfg_combine, classifier_guid
 from diffusion.teacher import load_unet
 from diffusion.unet import is_w_conditioned, unet_eps
 from shards.reader import ShardStream
-from trainer.export import read_distillation
+from students.folder import read_distillation
 
 
 def _records(shards: Path, limit: int) -> dict[str, object]:

@@ -10,8 +10,10 @@ import shutil
 from pathlib import Path
 
 from diffusion.errors import UserError
+from students.card import CARD
+from students.folder import DISTILLATION_JSON
+from students.lora import EMBEDDING_FILE, KOHYA_FILE, LORA_FILE
 from trainer.checkpoint import checkpoint_entries
-from trainer.export import DISTILLATION_JSON
 
 LOGS, SAMPLES, MODEL_INDEX = "logs", "samples", "model_index.json"
 _ROUND = re.compile(r"^round-\d{2,}steps$")
@@ -45,8 +47,9 @@ def check_out(out: Path, resume: str | None, overwrite: bool) -> None:
 
 
 def _student_paths(out: Path) -> list[Path]:
-    """The student `trainer fit` exported into OUT: distillation.json, model_index.json and the component
-    folders it names (the UNet and the teacher's copied components). Nothing without distillation.json."""
+    """The student `trainer fit` exported into OUT: distillation.json, its model card, a LoRA student's adapter
+    files, model_index.json and the component folders it names (the UNet and the teacher's copied components).
+    Nothing without distillation.json."""
     if not (out / DISTILLATION_JSON).is_file():
         return []
     try:
@@ -55,14 +58,15 @@ def _student_paths(out: Path) -> list[Path]:
         index = {}
     names = {"unet"} | {k for k, v in index.items() if isinstance(v, list) and not k.startswith("_")
                         and Path(k).name == k}
-    return [out / DISTILLATION_JSON, out / MODEL_INDEX, *(out / name for name in sorted(names))]
+    files = (DISTILLATION_JSON, CARD, LORA_FILE, KOHYA_FILE, EMBEDDING_FILE, MODEL_INDEX)
+    return [*(out / name for name in files), *(out / name for name in sorted(names))]
 
 
 def written_by_a_run(out: Path) -> list[Path]:
     """Everything in OUT that a `trainer fit` run writes: checkpoints (also interrupted ones), logs, sample grids,
     progressive's round folders and the exported student."""
     paths = [p for _, p in checkpoint_entries(out)] + [out / LOGS] + round_folders(out) + _student_paths(out)
-    paths += sorted((out / SAMPLES).glob("kimg-*.png"))
+    paths += sorted((out / SAMPLES).glob("kimg-*.png")) + sorted((out / SAMPLES).glob("step-*.png"))
     return [p for p in paths if p.exists()]
 
 

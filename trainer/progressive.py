@@ -10,14 +10,12 @@ round's folder.
 
 from __future__ import annotations
 
-import json
 import math
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler
 
 from diffusion.errors import UserError
 from diffusion.files import sha256_file
@@ -26,8 +24,11 @@ from diffusion.samplers import CLEAN, ddim_step, grid_coefficients, step_grid
 from diffusion.teacher import load_teacher, load_unet, quiet_library_progress
 from diffusion.unet import is_w_conditioned, unet_eps
 from shards.manifest import MANIFEST, read_dataset_info
+from students.folder import read_distillation
+from students.lora import load_adapter_weights, refuse_unmerged
+from students.recipes import (SEEDED, TRAILING_DDIM, TRAILING_DPM_SOLVER_1, scheduler_code, scheduler_entry,
+                              use_scheduler)
 from trainer.config import ProgressiveConfig
-from trainer.export import read_distillation, save_student
 from trainer.fit import (
     TEACHER_DTYPE, W_CONVENTION, AfterStep, init_trackers, make_accelerator, make_ema, make_lr_scheduler,
     make_optimizer, prepare_unet, refuse_damaged_shards, run_steps, shard_micro_batches, train_step,
@@ -35,7 +36,12 @@ from trainer.fit import (
 from trainer.losses import progressive_loss, progressive_target, sample_w
 from trainer.outdir import prepare_out
 from trainer.resume import TrainState, resume_checkpoint, save_checkpoint
+from trainer.student import (DEFAULT_ADAPTER, AdapterView, adapter_parameters, add_adapters, checkpoint_part,
+                             make_student, save_trained_student, trainable_parameters)
 from trainer.text_cache import TextEmbeddingCache
+from trainer.validation import grid_sampler, shard_loop_validation, step_validation
+
+TEACHER_ADAPTER = "teacher"  # a LoRA run's round teacher: the previous round's adapter on the same UNet
 
 
 def round_folder(out: Path, steps: int) -> Path:
@@ -46,6 +52,7 @@ def check_inputs(cfg: ProgressiveConfig) -> tuple[dict, tuple[float, float], int
     """The starting student's record, the w range to train on and the shards' resolution; one clear error for
     each bad input."""
     record = read_distillation(Path(cfg.student))
+    refuse_unmerged(Path(cfg.student), record, "--student")
     if record is None or record["method"] not in ("w-distill", "progressive"):
         method = None if record is None else record["method"]
         raise UserError(f"--student {cfg.student} must be a w-distill student (or a progressive round); its "
@@ -93,19 +100,24 @@ def round_loss(student, teacher_unet, schedule, steps: int, w_range, device, bat
     return progressive_loss(x0_student, target, a_t, sigma_t).mean()
 
 
-def grid_scheduler_config(scheduler_config: dict) -> dict:
-    """DDIM on the trailing grid ending at the clean sample: StableDiffusionPipeline then samples a round's
-    student on exactly its training grid whenever its step count divides the train timesteps (8, 4, 2, 1)."""
-    config = DDIMScheduler.from_config({**scheduler_config, "timestep_spacing": "trailing", "set_alpha_to_one": True,
-                                        "prediction_type": scheduler_config.get("prediction_type", "epsilon")})
-    return dict(config.config)
+def grid_scheduler(steps: int, num_train_timesteps: int) -> tuple[type, dict]:
+    """The stock scheduler (students.recipes) with which `pipe(prompt, num_inference_steps=N)` samples an N-step
+    student as grid_ddim does, on exactly its training grid: DDIM on the trailing grid, as before, when N divides
+    the train timesteps (8, 4, 2, 1); otherwise (64, 32, 16, 3) DDIM's step t -> t - T // N leaves the grid, and
+    first-order DPM-Solver++ takes DDIM's steps between the grid's own points. Euler would not do: its trailing
+    init_noise_sigma starts the UNet from sqrt(1 - alphabar_999) z, not z (0.23 % smaller for SD's schedule)."""
+    return TRAILING_DDIM if num_train_timesteps % steps == 0 else TRAILING_DPM_SOLVER_1
 
 
 def export_round(cfg, unet, start_record: dict, source: Path, steps: int, w_range, state, global_batch: int,
                  run: dict, schedule) -> Path:
-    """OUT/round-NNsteps/: a StableDiffusionPipeline folder (DDIM on the trailing grid) + distillation.json."""
+    """OUT/round-NNsteps/: a StableDiffusionPipeline folder (its scheduler on the round's grid: grid_scheduler)
+    + distillation.json, whose inference recipe holds the stock calls for text, image and inpainting."""
     folder = round_folder(Path(cfg.out), steps)
     grid = step_grid(steps, schedule.num_timesteps)
+    scheduler = grid_scheduler(steps, schedule.num_timesteps)
+    on_grid = f"num_inference_steps={steps}, guidance_scale=w"
+    strength = f"strength=k / {steps}, {on_grid}"  # the pipelines run the grid's last int(strength * N) = k steps
     recent = list(state.recent_losses)
     record = {
         "method": "progressive", "steps": steps, "timesteps": grid, "teacher_steps": 2 * steps,
@@ -119,22 +131,55 @@ def export_round(cfg, unet, start_record: dict, source: Path, steps: int, w_rang
         "final_losses": {f"mean_last_{len(recent)}_steps": sum(recent) / len(recent) if recent else None},
         "inference": {"sampler": "grid-ddim (deterministic) or grid-stochastic (Meng et al.)", "steps": steps,
                       "timesteps": grid, "unet_passes_per_step": 1, "w_range": list(w_range),
-                      "pipeline": f"StableDiffusionPipeline(num_inference_steps={steps}, guidance_scale=w) with its "
-                                  "DDIMScheduler (trailing, set_alpha_to_one): the same grid when the step count "
-                                  "divides the train timesteps"},
+                      "pipeline": f"StableDiffusionPipeline with {scheduler[0].__name__} (trailing; the folder's own),"
+                                  f" num_inference_steps={steps}: the same grid and latents as grid-ddim",
+                      "scheduler": scheduler_entry(scheduler),
+                      "call": f"{scheduler_code(*scheduler)}\nimage = pipe(prompt, {on_grid}, {SEEDED}).images[0]"
+                              f"  # any w in {list(w_range)}",
+                      "img2img": f"img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)\n"
+                                 f"image = img2img(prompt, image=init_image, {strength}).images[0]  # k of the "
+                                 f"{steps} steps, from t = timesteps[{steps} - k]\n"
+                                 f"inpaint = StableDiffusionInpaintPipeline.from_pipe(pipe)\n"
+                                 f"image = inpaint(prompt, image=init_image, mask_image=mask, {strength}).images[0]"},
     }
-    save_student(unet, source, folder, record)
-    use_grid_scheduler(folder)
+    save_trained_student(unet, cfg.lora, source, None, folder, record, cfg.merge)
     return folder
 
 
 def use_grid_scheduler(folder: Path) -> None:
-    """Make a pipeline folder's scheduler DDIM on the trailing grid (see grid_scheduler_config)."""
-    path = Path(folder) / "scheduler" / "scheduler_config.json"
-    path.write_text(json.dumps(grid_scheduler_config(json.loads(path.read_text())), indent=2))
-    index = json.loads((Path(folder) / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "DDIMScheduler"]
-    (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=2))
+    """Make a pipeline folder's scheduler DDIM on the trailing grid: the grid of every step count that divides
+    the train timesteps (see grid_scheduler)."""
+    use_scheduler(folder, *TRAILING_DDIM)
+
+
+def round_networks(cfg: ProgressiveConfig, root: Path, dtype: torch.dtype, resolution: int, device):
+    """The student to train and the rounds' frozen teacher. Full: the starting student's UNet twice. LoRA: once,
+    frozen, with two adapters: the student's and the teacher's (the previous round's adapter; in round 1 none,
+    B = 0: the starting student itself). Every round's adapter sits on the starting student's UNet."""
+    unet = load_unet(root)
+    if not is_w_conditioned(unet):
+        raise UserError(f"--student {cfg.student}: its UNet has no w embedding (time_cond_proj_dim)")
+    unet = prepare_unet(unet, cfg)
+    set_trained_resolution(unet, resolution, root)
+    if cfg.lora is None:
+        return make_student(unet, None), load_unet(root, dtype).to(device).eval().requires_grad_(False)
+    add_adapters(unet.to(device), cfg.lora, (DEFAULT_ADAPTER, TEACHER_ADAPTER))
+    for parameter in adapter_parameters(unet, (TEACHER_ADAPTER,)):
+        parameter.requires_grad_(False)
+    return AdapterView(unet, DEFAULT_ADAPTER), AdapterView(unet, TEACHER_ADAPTER)
+
+
+def start_round(previous: Path, of_this_run: bool, teacher_unet, student, fresh: bool, lora) -> None:
+    """The round's teacher becomes the previous round's student (`previous`: a round folder of this run, or the
+    starting student); on a fresh round the student starts as that teacher."""
+    if lora is None:
+        weights = load_unet(previous).state_dict()  # float32, whatever dtype the frozen teacher runs in
+        teacher_unet.load_state_dict(weights)
+        if fresh:
+            student.load_state_dict(weights)
+    elif of_this_run:  # round 1's adapters start as created (B = 0): the starting student
+        for view in (teacher_unet, student) if fresh else (teacher_unet,):
+            load_adapter_weights(view.base, previous, view.name)
 
 
 def run_progressive(cfg: ProgressiveConfig, after_step: AfterStep | None = None) -> dict[str, Any]:
@@ -147,17 +192,13 @@ def run_progressive(cfg: ProgressiveConfig, after_step: AfterStep | None = None)
     base = load_teacher(cfg.student, TEACHER_DTYPE[cfg.mixed_precision], accelerator.device, with_unet_and_vae=False)
     fingerprint = start_record["teacher"]["fingerprint"]  # the shards were built by the original teacher
     torch.manual_seed(cfg.seed)
-    student = load_unet(base.root)
-    if not is_w_conditioned(student):
-        raise UserError(f"--student {cfg.student}: its UNet has no w embedding (time_cond_proj_dim)")
-    student = prepare_unet(student, cfg)
-    set_trained_resolution(student, resolution, base.root)
-    teacher_unet = load_unet(base.root, base.dtype).to(accelerator.device).eval().requires_grad_(False)
+    student, teacher_unet = round_networks(cfg, base.root, base.dtype, resolution, accelerator.device)
     optimizer = make_optimizer(cfg, student, accelerator.device)
     student, optimizer = accelerator.prepare(student, optimizer)
     lr_scheduler = make_lr_scheduler(cfg, optimizer, cfg.iters_per_round)
     ema = make_ema(cfg, student, accelerator.device)
-    parts = {"unet": student, "optimizer": optimizer, "lr_scheduler": lr_scheduler, "ema": ema}
+    parts = {"unet": checkpoint_part(student, cfg.lora), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
+             "ema": ema}
     run = {"identity": cfg.identity(), "data_layout": cfg.data_layout(accelerator.num_processes),
            "teacher_fingerprint": fingerprint, "data_sha256": sha256_file(Path(cfg.shards) / MANIFEST)}
     state = TrainState()
@@ -167,6 +208,7 @@ def run_progressive(cfg: ProgressiveConfig, after_step: AfterStep | None = None)
     text_cache = TextEmbeddingCache(base.encode_text, cfg.text_cache_size)
     batches = shard_micro_batches(cfg, accelerator, fingerprint, None, ("z0",), state.step)
     init_trackers(cfg, accelerator, "fit-progressive")
+    validation = shard_loop_validation(cfg, accelerator, base, student)
     global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     unwrapped = accelerator.unwrap_model(student)
     folders, seconds, k = [], [], cfg.iters_per_round
@@ -178,12 +220,11 @@ def run_progressive(cfg: ProgressiveConfig, after_step: AfterStep | None = None)
             previous = round_folder(Path(cfg.out), steps)
             folders.append(previous)
             continue
-        weights = load_unet(previous).state_dict()  # float32, whatever dtype the frozen teacher runs in
-        teacher_unet.load_state_dict(weights)
-        if state.step <= number * k:  # a fresh round: the student starts as its teacher, with fresh optimiser state
+        fresh = state.step <= number * k  # a fresh round: the student starts as its teacher, fresh optimiser state
+        start_round(previous, previous != Path(cfg.student), teacher_unet, unwrapped, fresh, cfg.lora)
+        if fresh:
             state.step = number * k
             state.recent_losses.clear()
-            unwrapped.load_state_dict(weights)
             getattr(optimizer, "optimizer", optimizer).state.clear()
             lr_scheduler.load_state_dict(make_lr_scheduler(cfg, optimizer, k).state_dict())
             if ema is not None:
@@ -201,13 +242,16 @@ def run_progressive(cfg: ProgressiveConfig, after_step: AfterStep | None = None)
         status, round_seconds = run_steps(cfg, accelerator, state, end, step, checkpoint,
                                           lambda: lr_scheduler.get_last_lr()[0],
                                           f"round {number + 1}/{len(cfg.round_steps)}: {2 * steps} -> {steps} steps",
-                                          first=number * k, after_step=after_step)
+                                          first=number * k, after_step=after_step,
+                                          validate=step_validation(validation, accelerator, student, ema,
+                                                                   partial(grid_sampler, base.schedule, steps,
+                                                                           sum(w_range) / 2)))
         seconds += round_seconds
         if status == "interrupted":
             accelerator.end_training()
             return {"status": status, "step": state.step, "rounds": folders, "step_seconds": seconds}
         if ema is not None:
-            ema.copy_to(unwrapped.parameters())
+            ema.copy_to(trainable_parameters(unwrapped))
         if accelerator.is_main_process:
             export_round(cfg, unwrapped, start_record, base.root, steps, w_range, state, global_batch, run,
                          base.schedule)

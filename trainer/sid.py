@@ -18,6 +18,7 @@ distillation.json); `--max-nonfinite-steps` skipped steps in a row of one networ
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections import deque
@@ -33,9 +34,9 @@ from diffusion.errors import UserError
 from diffusion.samplers import sid_one_step
 from diffusion.teacher import load_teacher, load_unet, quiet_library_progress
 from diffusion.unet import guided_eps, guided_x0
+from students.recipes import SEEDED, TRAILING_EULER, scheduler_code, scheduler_entry
 from trainer.data import position_generator
 from trainer.ema import HalfLifeEMA
-from trainer.export import save_student
 from trainer.fit import AfterStep, init_trackers, make_accelerator, prepare_unet
 from trainer.losses import finite_samples, sid_fake_score_loss, sid_generator_loss
 from trainer.optim import clear_gradients, make_adam
@@ -43,11 +44,13 @@ from trainer.prompts import PromptSampler, read_prompts
 from trainer.outdir import prepare_out
 from trainer.resume import resume_checkpoint, save_checkpoint
 from trainer.sid_config import SidConfig
-from trainer.sid_samples import save_sample_grid
 from trainer.stop import StopRequest
+from trainer.student import AdapterView, add_adapters, make_student, save_trained_student
 from trainer.text_cache import TextEmbeddingCache
+from trainer.validation import Validation, kimg_label, sid_sampler
 
 FAKE, GENERATOR = 0, 1
+ADAPTERS = ("generator", "fake", "generator_ema")  # a LoRA run's adapters on the teacher's UNet
 RECENT = 100
 NETWORK_NAMES = ("fake score network", "generator")
 
@@ -273,9 +276,17 @@ def build_networks(cfg: SidConfig, accelerator) -> SidNetworks:
     if cfg.gradient_checkpointing:
         teacher.unet.enable_gradient_checkpointing()
     torch.manual_seed(cfg.seed)
-    generator = prepare_unet(load_unet(teacher.root, variant=cfg.variant), cfg)
-    fake = copy.deepcopy(generator)  # both start as the teacher's UNet in float32: one read from disk
-    ema = HalfLifeEMA(generator, cfg.ema_halflife_kimg, cfg.ema_rampup) if cfg.ema_halflife_kimg > 0 else None
+    if cfg.lora is None:
+        generator = make_student(prepare_unet(load_unet(teacher.root, variant=cfg.variant), cfg), None)
+        fake = copy.deepcopy(generator)  # both start as the teacher's UNet in float32: one read from disk
+        average = None
+    else:  # one UNet in memory: the teacher's, with the generator's, the fake network's and the EMA's adapters
+        base = prepare_unet(teacher.unet, cfg)
+        add_adapters(base, cfg.lora, ADAPTERS)
+        generator, fake, average = (AdapterView(base, name) for name in ADAPTERS)
+        teacher = dataclasses.replace(teacher, unet=AdapterView(base, None))
+    ema = (HalfLifeEMA(generator, cfg.ema_halflife_kimg, cfg.ema_rampup, average)
+           if cfg.ema_halflife_kimg > 0 else None)
     adam = {"decoupled": False, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon,
             "device": accelerator.device}
     generator_optimizer = make_adam(generator.parameters(), lr=cfg.lr, **adam)
@@ -366,7 +377,12 @@ def _record(cfg: SidConfig, prompt_list, encoder, nets, state: SidState, global_
                                                     if state.recent_fake else None)},
         "inference": {"sampler": "sid-one-step", "t_init": cfg.t_init, "unet_passes_per_image": 1,
                       "x_g": "unet(sqrt(1 - alphabar[t_init]) z, t_init, c) read as x0; decode with the VAE in fp32",
-                      "command": "evaluation generate --model OUT --prompt TEXT --seed N --out FILE.png"},
+                      "command": "evaluation generate --model OUT --prompt TEXT --seed N --out FILE.png",
+                      "pipeline": f"StableDiffusionPipeline with {TRAILING_EULER[0].__name__} (trailing; OUT's own), "
+                                  f"timesteps=[{cfg.t_init}], guidance_scale=1.0: the same x_g and image",
+                      "scheduler": scheduler_entry(TRAILING_EULER),
+                      "call": f"{scheduler_code(*TRAILING_EULER)}\nimage = pipe(prompt, timesteps=[{cfg.t_init}], "
+                              f"guidance_scale=1.0, {SEEDED}).images[0]"},
     }
 
 
@@ -399,9 +415,15 @@ def run_sid(cfg: SidConfig, after_step: AfterStep | None = None) -> dict[str, An
                         state.to_dict(), cfg.checkpoints_total_limit)
 
     init_trackers(cfg, accelerator, "fit-sid-lsg")
-    grid_prompts = prompt_list.prompts[:cfg.grid_prompts]
+    grid = Validation(nets.teacher, prompt_list.prompts[:cfg.grid_prompts], loop.latent_shape, Path(cfg.out),
+                      accelerator)
+
+    def draw_grid() -> None:  # OUT/samples/kimg-*.png of the EMA generator, logged at the iteration
+        grid(sid_sampler(nets.sampling_generator(), nets.teacher.schedule, cfg.t_init), kimg_label(state.images),
+             state.iteration)
+
     if accelerator.is_main_process and cfg.grid_every_kimg > 0 and state.images == 0:
-        save_sample_grid(nets.sampling_generator(), nets.teacher, grid_prompts, cfg.t_init, Path(cfg.out), 0)
+        draw_grid()
     max_images = math.ceil(cfg.max_kimg * 1000)
     status, seconds = "done", []
     progress_bar = tqdm(total=max_images, initial=min(state.images, max_images), desc="fit sid-lsg", unit="img",
@@ -425,8 +447,7 @@ def run_sid(cfg: SidConfig, after_step: AfterStep | None = None) -> dict[str, An
                 checkpoint()
                 raise NonFiniteSteps(message)
             if accelerator.is_main_process and _crossed(state.images, global_batch, cfg.grid_every_kimg):
-                save_sample_grid(nets.sampling_generator(), nets.teacher, grid_prompts, cfg.t_init, Path(cfg.out),
-                                 state.images)
+                draw_grid()
             done = state.images >= max_images
             if done or stop.agreed or _crossed(state.images, global_batch, cfg.checkpoint_every_kimg):
                 checkpoint()
@@ -436,7 +457,8 @@ def run_sid(cfg: SidConfig, after_step: AfterStep | None = None) -> dict[str, An
     if status == "done":
         if accelerator.is_main_process:
             record = _record(cfg, prompt_list, loop.encoder, nets, state, global_batch)
-            save_student(nets.sampling_generator(), nets.teacher.root, Path(cfg.out), record)
+            save_trained_student(nets.sampling_generator(), cfg.lora, nets.teacher.root, cfg.variant,
+                                 Path(cfg.out), record, cfg.merge)
         accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"status": status, "iteration": state.iteration, "kimg": state.images / 1000,

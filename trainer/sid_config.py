@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from diffusion.errors import UserError
-from trainer.config import MIXED_PRECISION, require_at_least_one, require_choice, require_one_way_to_start
+from trainer.config import (MIXED_PRECISION, lora_identity, require_at_least_one, require_choice,
+                            require_one_way_to_start)
 
 
 @dataclass
@@ -59,6 +60,10 @@ class SidConfig:
     report_to: str = "tensorboard"
     log_every: int = 10  # iterations
     max_nonfinite_steps: int = 10  # optimiser steps in a row (of one network) skipped: no finite sample
+    lora_rank: int = 0  # 0: full generator and fake network; R: rank-R adapters on the teacher's own UNet
+    lora_alpha: float | None = None  # [rank]
+    lora_targets: str | None = None  # comma-separated module names [trainer.student.DEFAULT_LORA_TARGETS]
+    merge: bool = False  # LoRA: also write the merged pipeline (teacher + generator adapter) into OUT
 
     def __post_init__(self) -> None:
         if self.method != "sid-lsg":
@@ -87,6 +92,14 @@ class SidConfig:
         if self.ema_halflife_kimg < 0 or self.grid_every_kimg < 0:
             raise UserError("--ema-halflife-kimg and --grid-every-kimg must be >= 0")
         require_one_way_to_start(self)
+        self.lora  # refuses bad LoRA options before any work
+
+    @property
+    def lora(self):
+        """The LoRA adapters' shape (generator and fake network alike), or None for full networks."""
+        from trainer.student import LoraSpec
+
+        return LoraSpec.from_options(self.lora_rank, self.lora_alpha, self.lora_targets)
 
     @property
     def kappas(self) -> tuple[float, float, float, float]:
@@ -119,4 +132,4 @@ class SidConfig:
         """What a resume must not change: it would be another training run."""
         keys = ("method", "kappa1", "kappa2", "kappa3", "kappa4", "alpha", "t_init", "t_min", "t_max",
                 "prompt_dropout", "batch_size", "gradient_accumulation_steps", "seed")
-        return {k: getattr(self, k) for k in keys}
+        return {**{k: getattr(self, k) for k in keys}, **lora_identity(self)}

@@ -11,6 +11,7 @@ from typing import Any
 from diffusers import UNet2DConditionModel
 
 from shards.writer import atomic_write_json
+from students.recipes import use_recorded_scheduler
 
 DISTILLATION_JSON = "distillation.json"
 FORMAT_VERSION = 1
@@ -30,7 +31,26 @@ def copy_teacher_components(teacher_root: Path, out: Path) -> None:
 def save_student(unet: UNet2DConditionModel, teacher_root: Path, out: Path, record: dict[str, Any]) -> None:
     copy_teacher_components(teacher_root, out)
     unet.save_pretrained(out / "unet", safe_serialization=True)
-    atomic_write_json(out / DISTILLATION_JSON, {"format_version": FORMAT_VERSION, **record})
+    use_recorded_scheduler(out, record["inference"])
+    load = f'pipe = StableDiffusionPipeline.from_pretrained("{Path(out).resolve()}")'
+    write_record(out, {**record, "inference": with_stock_code(record["inference"], load)})
+
+
+def with_stock_code(inference: dict[str, Any], load: str) -> dict[str, Any]:
+    """The inference recipe with "diffusers": the python that samples the student in stock diffusers, the
+    lines that make `pipe` then the recipe's call (recipes that write their own code are kept as they are)."""
+    if "call" not in inference or "diffusers" in inference:
+        return inference
+    return {**inference, "diffusers": f"{load}\n{inference['call']}"}
+
+
+def write_record(out: Path, record: dict[str, Any]) -> None:
+    """distillation.json (atomically), with this format's version, and the model card made from it."""
+    from students.card import write_model_card  # here, not at the top: students.card imports this module
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(out) / DISTILLATION_JSON, {"format_version": FORMAT_VERSION, **record})
+    write_model_card(out)
 
 
 def read_distillation(folder: Path) -> dict[str, Any] | None:
@@ -47,6 +67,7 @@ def inference_recipe(method: str, guidance_scale: float | None, w_range: tuple[f
             "guidance_scale": "any w in w_range; the pipeline feeds it to the UNet as timestep_cond",
             "w_range": list(w_range),
             "unet_passes_per_step": 1,
+            "call": f"image = pipe(prompt, guidance_scale=w).images[0]  # any w in {list(w_range)}",
         }
     return {"pipeline": "StableDiffusionPipeline", "guidance_scale": 1.0, "unet_passes_per_step": 1,
-            "distilled_guidance_scale": guidance_scale}
+            "distilled_guidance_scale": guidance_scale, "call": "image = pipe(prompt, guidance_scale=1.0).images[0]"}
