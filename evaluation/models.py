@@ -72,10 +72,10 @@ def describe_model(model: str, guidance_scale: float | None = None, classifier_g
     """Read the model kind from distillation.json (absent: the teacher) and check the scale makes sense for it.
     `coefficient` (c_t of classifier guidance: sqrt-beta or sigma) applies to a classifier-guided teacher only."""
     folder = resolve_teacher_dir(model)
-    refuse_unmerged(folder, read_distillation(folder), "--model")
+    record = read_distillation(folder)
+    refuse_unmerged(folder, record, "--model")
     if not (folder / "model_index.json").is_file():
         raise UserError(f"{folder} is not a StableDiffusionPipeline folder (no model_index.json)")
-    record = read_distillation(folder)
     if coefficient is not None and not (record is None and classifier_guidance):
         raise UserError(f"guidance coefficient {coefficient!r} applies to a teacher with classifier guidance "
                         "(PATH@NAME=GAMMA@sigma)")

@@ -211,7 +211,8 @@ def sampling_code(record: dict[str, Any], folder: str) -> str:
     if "diffusers" not in inference and inference.get("sampler") == "sid-one-step":
         return sid_code(record, folder)
     body = inference.get("diffusers") or pipeline_code(inference, folder)
-    return "\n".join([*imports(body), f'prompt = "{PROMPT}"', *w_line(inference), body])
+    seed = ["seed = 7  # as `evaluation generate --seed 7`"] if re.search(r"\bseed\b", body) else []
+    return "\n".join([*imports(body), f'prompt = "{PROMPT}"', *seed, *w_line(inference), body])
 
 
 def how_to_sample(record: dict[str, Any], folder: str) -> list[str]:

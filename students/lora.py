@@ -64,18 +64,19 @@ def save_lora_files(unet: UNet2DConditionModel, out: Path, adapter_name: str, lo
     return files
 
 
-def lora_loading_code(base: Path, out: Path, embedding_dim: int | None) -> str:
-    """The stock diffusers lines that make `pipe`: the base pipeline with the adapter loaded (and for w-distill
-    the base UNet built with the embedding's shape and the trained embedding put in it first)."""
+def lora_loading_code(base: Path, base_variant: str | None, out: Path, embedding_dim: int | None) -> str:
+    """The stock diffusers lines that make `pipe`: the base pipeline (its weight variant) with the adapter loaded
+    (and for w-distill the base UNet built with the embedding's shape and the trained embedding put in it first)."""
     base, out = Path(base).resolve(), Path(out).resolve()
+    variant = f', variant="{base_variant}"' if base_variant else ""
     if embedding_dim is None:
-        make = f'pipe = StableDiffusionPipeline.from_pretrained("{base}")'
+        make = f'pipe = StableDiffusionPipeline.from_pretrained("{base}"{variant})'
     else:
         make = "\n".join([
-            f'unet = UNet2DConditionModel.from_pretrained("{base}", subfolder="unet", '
+            f'unet = UNet2DConditionModel.from_pretrained("{base}", subfolder="unet"{variant}, '
             f"time_cond_proj_dim={embedding_dim}, low_cpu_mem_usage=False)",
             f'unet.load_state_dict(safetensors.torch.load_file("{out / EMBEDDING_FILE}"), strict=False)',
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet)'])
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base}"{variant}, unet=unet)'])
     return f'{make}\npipe.load_lora_weights("{out}")'
 
 
@@ -92,8 +93,9 @@ def load_adapter_weights(unet: UNet2DConditionModel, folder: Path, adapter_name:
 
     state = {k.removeprefix("unet."): v for k, v in load_file(str(Path(folder) / LORA_FILE)).items()}
     result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
-    if unexpected := getattr(result, "unexpected_keys", []):
-        raise UserError(f"{Path(folder) / LORA_FILE} does not fit this UNet's adapter: {unexpected[0]}")
+    missing = [k for k in getattr(result, "missing_keys", []) if f".{adapter_name}." in k and "lora_" in k]
+    if wrong := list(getattr(result, "unexpected_keys", [])) + missing:
+        raise UserError(f"{Path(folder) / LORA_FILE} does not fit this UNet's adapter: {wrong[0]}")
 
 
 def merged_unet(folder: Path, record: dict[str, Any], base: Path | None = None) -> UNet2DConditionModel:
@@ -128,7 +130,7 @@ def save_lora_student(unet: UNet2DConditionModel, adapter_name: str, lora, base:
     embedding = dict(unet.named_parameters()).get(EMBEDDING_WEIGHT)
     files = save_lora_files(unet, out, adapter_name, lora, with_embedding=embedding is not None
                             and embedding.requires_grad)
-    loading = lora_loading_code(base, out, embedding.shape[1] if "guidance_embedding" in files else None)
+    loading = lora_loading_code(base, base_variant, out, embedding.shape[1] if "guidance_embedding" in files else None)
     inference = with_stock_code(record["inference"], loading)
     write_record(out, {**record, "inference": inference,
                        "adapter": adapter_record(lora, base, base_variant, files, merged=False)})
@@ -144,8 +146,8 @@ def write_merged_pipeline(folder: Path, base: Path | None = None, to: Path | Non
     `trainer export` and `trainer fit --merge` both come here."""
     folder = Path(folder)
     record = read_distillation(folder)
-    if record is None or "adapter" not in record:
-        raise UserError(f"{folder} is not a LoRA student folder (its distillation.json has no adapter)")
+    if record is None or not record.get("adapter", {}).get("files"):
+        raise UserError(f"{folder} is not a LoRA student folder (its distillation.json names no adapter files)")
     record = {k: v for k, v in record.items() if k != "format_version"}
     base, to = Path(base or record["adapter"]["base"]), Path(to or folder)
     unet = merged_unet(folder, record, base)
@@ -153,8 +155,11 @@ def write_merged_pipeline(folder: Path, base: Path | None = None, to: Path | Non
     unet.save_pretrained(to / "unet", safe_serialization=True)
     use_recorded_scheduler(to, record["inference"])
     adapter = {**record["adapter"], "merged_pipeline": True}
-    if to != folder:
-        adapter.update(base=str(base.resolve()), base_variant=None, applied_from=str(folder.resolve()))
+    if to != folder:  # DIR is a full student of the other base; the adapter files stay in OUT
+        adapter.update(base=str(base.resolve()), base_variant=None, applied_from=str(folder.resolve()), files={})
+        inference = {k: v for k, v in record["inference"].items() if k != "diffusers"}
+        load = f'pipe = StableDiffusionPipeline.from_pretrained("{to.resolve()}")'
+        record = {**record, "inference": with_stock_code(inference, load)}
     write_record(to, {**record, "adapter": adapter})
     return to
 

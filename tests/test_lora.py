@@ -79,6 +79,14 @@ def test_cfg_distill_lora_files_load_in_stock_diffusers_kohya_and_merged(teacher
     merged = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     assert _relative(_out(merged, inputs), expected) <= 1e-4
 
+    applied = tmp_path / "applied"  # the acceleration-module path, here onto the adapter's own base
+    assert main(["export", str(out), "--base", str(teacher_dir), "--to", str(applied)]) == 0
+    merged = UNet2DConditionModel.from_pretrained(applied, subfolder="unet")
+    assert _relative(_out(merged, inputs), expected) <= 1e-4
+    record = json.loads((applied / "distillation.json").read_text())
+    assert str(applied.resolve()) in record["inference"]["diffusers"] and record["adapter"]["files"] == {}
+    assert main(["export", str(applied)]) == 2  # its adapter files stayed in OUT
+
     with safe_open(str(out / KOHYA_FILE), "pt") as kohya:
         keys = list(kohya.keys())
         alpha = kohya.get_tensor(next(k for k in keys if k.endswith(".alpha")))

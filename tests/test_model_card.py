@@ -39,7 +39,8 @@ def fit_record(teacher: Path, out: Path, method: str = "cfg-distill") -> dict:
 def lora_record(teacher: Path, out: Path) -> dict:
     """A LoRA student's record (students/lora.py `save_lora_student`): the LoRA loading code and "adapter"."""
     record = fit_record(teacher, out, "w-distill")
-    inference = with_stock_code(inference_recipe("w-distill", None, (2.0, 14.0)), lora_loading_code(teacher, out, None))
+    loading = lora_loading_code(teacher, None, out, None)
+    inference = with_stock_code(inference_recipe("w-distill", None, (2.0, 14.0)), loading)
     adapter = {"rank": 4, "alpha": 8.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "base": str(teacher),
                "base_variant": None, "files": {"diffusers": "pytorch_lora_weights.safetensors",
                                                "kohya": "lora_kohya.safetensors"}, "merged_pipeline": False}
@@ -118,7 +119,7 @@ def test_lora_card_loads_the_adapter_on_the_teacher(tmp_path):
 def test_verbatim_code_gets_the_imports_it_names(tmp_path):
     """A w-distill LoRA's code (a UNet with the embedding, safetensors) plus a scheduler line and a seeded call."""
     teacher, out = tmp_path / "sd15", tmp_path / "student"
-    code = "\n".join([lora_loading_code(teacher, out, 256),
+    code = "\n".join([lora_loading_code(teacher, None, out, 256),
                       "pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)",
                       "image = pipe(prompt, generator=torch.Generator().manual_seed(0)).images[0]"])
     record = {**lora_record(teacher, out), "inference": {"diffusers": code}}

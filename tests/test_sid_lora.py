@@ -87,6 +87,18 @@ def test_lora_resume_equals_uninterrupted_and_the_export_is_the_ema_adapter(teac
     assert ((a - b).norm() / b.norm()).item() <= 1e-4
     record = json.loads((straight / "distillation.json").read_text())
     assert record["adapter"]["rank"] == 4 and record["adapter"]["merged_pipeline"] and record["method"] == "sid-lsg"
+    card = (straight / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    assert "load_lora_weights" in code and "EulerDiscreteScheduler" in code
+    scope = {}
+    exec(code, scope)  # the model card's sampling code runs as written: teacher + adapter + trailing Euler
+    assert scope["image"].size == (32, 32)
+
+
+def test_gradient_checkpointing_is_refused_with_shared_adapters(teacher_dir, prompt_file, tmp_path, capsys):
+    assert trainer_main(sid_args(teacher_dir, prompt_file, tmp_path / "o", *map(str, LORA),
+                                 "--gradient-checkpointing")) == 2
+    assert "--gradient-checkpointing does not apply to sid-lsg with --lora-rank" in capsys.readouterr().err
 
 
 def test_lora_under_torchrun_two_processes(teacher_dir, prompt_file, tmp_path):

@@ -48,6 +48,13 @@ def require_at_least_one(config, names: tuple[str, ...]) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
 
 
+def lora_spec(config):
+    """--lora-rank, --lora-alpha, --lora-targets as a trainer.student.LoraSpec (None: a full student)."""
+    from trainer.student import LoraSpec
+
+    return LoraSpec.from_options(config.lora_rank, config.lora_alpha, config.lora_targets)
+
+
 def lora_identity(config) -> dict[str, Any]:
     """A LoRA run's adapter is part of what it is; a full student's identity holds nothing of it (as before)."""
     return {"lora": config.lora.to_dict()} if config.lora is not None else {}
@@ -112,9 +119,7 @@ class ShardLoopConfig:
     @property
     def lora(self):
         """The LoRA adapter to train, or None for a full student."""
-        from trainer.student import LoraSpec
-
-        return LoraSpec.from_options(self.lora_rank, self.lora_alpha, self.lora_targets)
+        return lora_spec(self)
 
     @property
     def loader_workers(self) -> int:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from diffusion.errors import UserError
-from trainer.config import (MIXED_PRECISION, lora_identity, require_at_least_one, require_choice,
+from trainer.config import (MIXED_PRECISION, lora_identity, lora_spec, require_at_least_one, require_choice,
                             require_one_way_to_start)
 
 
@@ -92,14 +92,16 @@ class SidConfig:
         if self.ema_halflife_kimg < 0 or self.grid_every_kimg < 0:
             raise UserError("--ema-halflife-kimg and --grid-every-kimg must be >= 0")
         require_one_way_to_start(self)
-        self.lora  # refuses bad LoRA options before any work
+        if self.lora is not None and self.gradient_checkpointing:
+            # the three adapters share one UNet and the active one is module state: a checkpointed block's
+            # recomputation in the backward would run with the adapter of the last forward, not its own
+            raise UserError("--gradient-checkpointing does not apply to sid-lsg with --lora-rank (one UNet carries "
+                            "the generator's, the fake network's and the teacher's passes)")
 
     @property
     def lora(self):
         """The LoRA adapters' shape (generator and fake network alike), or None for full networks."""
-        from trainer.student import LoraSpec
-
-        return LoraSpec.from_options(self.lora_rank, self.lora_alpha, self.lora_targets)
+        return lora_spec(self)
 
     @property
     def kappas(self) -> tuple[float, float, float, float]:

@@ -179,7 +179,7 @@ def _flags_kept(module: torch.nn.Module) -> Iterator[None]:
 
 
 def save_trained_student(unet: UNet2DConditionModel, lora: LoraSpec | None, base: Path, base_variant: str | None,
-                         out: Path, record: dict, merge: bool = False, adapter_name: str = DEFAULT_ADAPTER) -> None:
+                         out: Path, record: dict, merge: bool = False) -> None:
     """Write the student folder: a full student's pipeline folder, or a LoRA student's adapter files (and its
     merged pipeline with `merge`); `record` becomes distillation.json, with the LoRA recipe for a LoRA."""
     from students.folder import save_student
@@ -190,7 +190,7 @@ def save_trained_student(unet: UNet2DConditionModel, lora: LoraSpec | None, base
     elif isinstance(unet, AdapterView):  # one adapter of a shared base (sid-lsg)
         save_lora_student(unet.base, unet.name, lora, base, base_variant, out, record, merge)
     else:
-        save_lora_student(unet, adapter_name, lora, base, base_variant, out, record, merge)
+        save_lora_student(unet, DEFAULT_ADAPTER, lora, base, base_variant, out, record, merge)
 
 
 @contextmanager
