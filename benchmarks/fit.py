@@ -11,21 +11,39 @@ the first turn (it starts the data loader) left out, printed as median [min-max]
 Contenders: no EMA, with EMA (decay 0.9999), and with one DataLoader worker (on 2 cores a worker takes CPU
 from the step, and it also prefetches while the bare step runs: that ratio flatters the trainer).
 
+LoRA: the same loop (no EMA) with a rank-R LoRA student (--lora-rank, default 4, alpha = R, the default
+targets) against the full student's loop, both `trainer fit` runs stepped in turns, each in a thread of its own
+(`SteppedLoop`: one runs while the other waits at its `after_step`), so each step's seconds are its loop's
+whole period, as the other figures time the trainer; fit_lora_time_over_full is LoRA seconds / full seconds.
+Their memory: the peak RSS of a fresh process running the whole `trainer fit` run (3 steps, checkpoint and
+export) above its RSS just before it (after the imports, before the teacher is read): weights, gradients,
+optimiser states, activations and data loading, not the imports (process_baseline_mb). Each in --memory-runs
+fresh processes, alternating; the ratio is median [min-max] over the pairs.
+
     python benchmarks/fit.py [--samples 256] [--batch-size 8] [--resolution 128] [--steps 60] [--blocks 4]
+                             [--lora-rank 4] [--memory-runs 2] [--unet-channels 64,128,256]
 """
 
 from __future__ import annotations
 
+import json
+import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
+from unittest import mock
 
 import click
 import torch
 from accelerate.state import AcceleratorState
 
-from diffusion.teacher import load_teacher
+from diffusion.teacher import load_teacher, load_unet
+from diffusion.tiny import CPU_SIZES
 from diffusion.unet import unet_eps
-from evaluation.timing import Turns, ratio
+from evaluation.speed import MemoryProbe
+from evaluation.timing import Turns, ratio, rotated
 from shards.reader import ShardStream
 from trainer.config import FitConfig
 from trainer.fit import build_student, make_optimizer, run_fit
@@ -34,7 +52,9 @@ from trainer.optim import clear_gradients
 
 from figures import build_shard_world, emit, shard_world_options  # benchmarks/figures.py: the scripts run from benchmarks/
 
-TARGETS = {"fit_over_bare": ">= 0.98", "fit_ema_over_bare": ">= 0.96"}
+TARGETS = {"fit_over_bare": ">= 0.98", "fit_ema_over_bare": ">= 0.96",
+           "fit_lora_memory_over_full": "<= 0.5"}  # LoRA's peak memory against the full student's, same size
+MEMORY_STEPS = 3
 
 
 def bare_step(cfg: FitConfig, shards: Path):
@@ -67,21 +87,132 @@ def interleaved_ratio(cfg: FitConfig, bare, blocks: int):
     return ratio(turns.seconds["bare"], turns.seconds["fit"], blocks)
 
 
+class SteppedLoop:
+    """`run_fit(cfg)` in a thread of its own, one step per call: the thread waits at its `after_step` until the
+    next call, so two such loops take turns and never run at once. A call's seconds are the loop's whole
+    period, from resuming to the end of its next step (its bookkeeping after the previous step included). The
+    first call also builds the run (the warm-up turn, left out of the ratios); `finish` lets it checkpoint and
+    export."""
+
+    def __init__(self, cfg: FitConfig):
+        self.go, self.done, self.error = threading.Event(), threading.Event(), None
+        self.thread = threading.Thread(target=self._run, args=(cfg,), daemon=True)
+
+    def _run(self, cfg: FitConfig) -> None:
+        try:
+            self._wait()
+            run_fit(cfg, after_step=lambda _seconds: (self.done.set(), self._wait()))
+        except BaseException as error:  # handed to the caller
+            self.error = error
+        finally:
+            self.done.set()
+
+    def _wait(self) -> None:
+        self.go.wait()
+        self.go.clear()
+
+    def _resume(self) -> None:
+        if not self.thread.is_alive() and self.error is None:
+            self.thread.start()
+        self.go.set()
+        self.done.wait()
+        self.done.clear()
+        if self.error is not None:
+            raise self.error
+
+    def __call__(self) -> None:
+        self._resume()
+        if not self.thread.is_alive():
+            raise RuntimeError("the stepped loop ended before its last step was called")
+
+    def finish(self) -> None:
+        self._resume()
+        self.thread.join()
+
+
+def lora_against_full(cfg: dict, lora_rank: int, tmp: Path, steps: int, blocks: int):
+    """The LoRA student's loop and the full student's, stepped in turns: LoRA seconds / full seconds."""
+    loops = {"full": SteppedLoop(FitConfig(out=str(tmp / "loop-full"), **cfg)),
+             "lora": SteppedLoop(FitConfig(out=str(tmp / "loop-lora"), **cfg, lora_rank=lora_rank))}
+    turns = Turns(loops)
+    for _ in range(steps):
+        turns.run()
+    for loop in loops.values():
+        loop.finish()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return ratio(turns.seconds["lora"], turns.seconds["full"], blocks)
+
+
+def peak_memory(cfg: dict) -> dict:
+    """A whole `trainer fit` run of MEMORY_STEPS steps: its peak RSS above the RSS before it (MB), and that
+    RSS (MB: the imports)."""
+    probe = MemoryProbe(torch.device("cpu"))
+    with probe:
+        run_fit(FitConfig(**cfg))
+    if probe.peak_growth is None:
+        raise RuntimeError("peak RSS is not readable here (/proc/self/clear_refs, VmHWM)")
+    return {"peak_mb": probe.peak_growth / 2**20, "before_mb": probe.start / 2**20}
+
+
+def in_fresh_process(cfg: dict) -> dict:
+    script = Path(__file__).resolve()
+    done = subprocess.run([sys.executable, str(script), "--child", json.dumps(cfg)], capture_output=True, text=True,
+                          cwd=script.parent)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring memory failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory_figures(cfg: dict, lora_rank: int, tmp: Path, runs: int) -> dict:
+    """Peak memory of the full and the LoRA student's runs, each in `runs` fresh processes, alternating."""
+    options = {"full": {}, "lora": {"lora_rank": lora_rank}}
+    peak: dict[str, list[float]] = {name: [] for name in options}
+    before = []
+    for turn in range(runs):
+        for name in rotated(list(options), turn):
+            measured = in_fresh_process({**cfg, **options[name], "max_steps": MEMORY_STEPS,
+                                         "checkpoint_every": MEMORY_STEPS, "out": str(tmp / f"memory-{name}-{turn}")})
+            peak[name].append(measured["peak_mb"])
+            before.append(measured["before_mb"])
+    baseline, full, lora = statistics.median(before), statistics.median(peak["full"]), statistics.median(peak["lora"])
+    return {"process_baseline_mb": baseline, "fit_peak_mb": full, "fit_lora_peak_mb": lora,
+            "fit_lora_memory_over_full": ratio(peak["lora"], peak["full"], runs, skip=0),
+            "fit_lora_whole_process_memory_over_full": (baseline + lora) / (baseline + full)}
+
+
 @click.command()
 @shard_world_options(samples=256, steps=60)
-def main(samples: int, batch_size: int, resolution: int, steps: int, blocks: int, json_out: str | None) -> None:
+@click.option("--lora-rank", default=4, show_default=True, help="The LoRA student's adapter rank (alpha = rank).")
+@click.option("--memory-runs", default=2, show_default=True, help="Fresh processes per student's peak memory.")
+@click.option("--unet-channels", default=",".join(map(str, CPU_SIZES["channels"])), show_default=True,
+              help="The teacher's UNet block widths (wider: its weights weigh more against the rest of the run).")
+@click.option("--child", default=None, hidden=True)
+def main(samples: int, batch_size: int, resolution: int, steps: int, blocks: int, json_out: str | None,
+         lora_rank: int, memory_runs: int, unet_channels: str, child: str | None) -> None:
+    if child:
+        print(json.dumps(peak_memory(json.loads(child))))
+        return
+    if lora_rank < 1 or memory_runs < 1:
+        raise click.BadParameter("--lora-rank and --memory-runs must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        teacher_dir, _ = build_shard_world(tmp, samples, resolution)
+        channels = tuple(int(c) for c in unet_channels.split(","))
+        with mock.patch.dict(CPU_SIZES, channels=channels):  # build_shard_world's teacher, with these widths
+            teacher_dir, _ = build_shard_world(tmp, samples, resolution)
         cfg = dict(method="cfg-distill", teacher=str(teacher_dir), shards=str(tmp / "shards"), batch_size=batch_size,
                    max_steps=steps, lr_warmup_steps=0, ema_decay=0.0, report_to="none", checkpoint_every=steps)
         bare = bare_step(FitConfig(out=str(tmp / "bare"), **cfg), tmp / "shards")
         figures = {"samples": samples, "batch_size": batch_size, "resolution": resolution, "steps": steps,
-                   "threads": torch.get_num_threads()}
+                   "threads": torch.get_num_threads(), "unet_channels": unet_channels,
+                   "unet_parameters_m": sum(p.numel() for p in load_unet(teacher_dir).parameters()) / 1e6,
+                   "lora_rank": lora_rank}
         contenders = {"fit_over_bare": {"num_workers": 0}, "fit_ema_over_bare": {"num_workers": 0, "ema_decay": 0.9999},
                       "fit_1_worker_over_bare": {"num_workers": 1}}
         for name, options in contenders.items():
             figures[name] = interleaved_ratio(FitConfig(out=str(tmp / name), **{**cfg, **options}), bare, blocks)
+        cfg["num_workers"] = 0
+        figures["fit_lora_time_over_full"] = lora_against_full(cfg, lora_rank, tmp, steps, blocks)
+        figures.update(memory_figures(cfg, lora_rank, tmp, memory_runs))
     emit(figures, json_out, TARGETS)
 
 

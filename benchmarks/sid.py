@@ -5,6 +5,9 @@ Contenders, one iteration each per turn (a fake-network update and a generator u
 - lsg: `trainer fit --method sid-lsg`'s loop (kappa1..4 = K), timed by the loop itself (`after_step`);
 - long (kappa4 = K only) and short (kappa2 = kappa3 = 1/K): the same loop's iteration;
 - lsg_buffers_kept, lsg_buffers_freed: the LSG iteration with --keep-grad-buffers and --free-grad-buffers;
+- lsg_lora: the LSG iteration with LoRA networks (--lora-rank R, default 4, alpha = R, the default targets):
+  the teacher's own UNet carries the generator's, the fake network's and the EMA's adapters, so one UNet is
+  in memory instead of four, and Adam states and gradients are the adapters' only;
 - floor: the same UNet work in plain torch (generator forward without grad, fake forward 2B + backward +
   Adam; generator forward, teacher forward 2B, fake forward 2B, backward through all three into the
   generator + Adam), fused Adam, buffers freed (measured the faster), nothing else: no EMA, no NaN guards,
@@ -14,11 +17,21 @@ Contenders, one iteration each per turn (a fake-network update and a generator u
   official_without_gc: the same without the gc.collect() its loop runs every iteration (on this CPU-sized
   model about a quarter of its iteration).
 Callables run in rotating order after each loop iteration; each time ratio is over blocks of turns (the first
-left out) as median [min-max]. Memory: peak RSS growth of each strategy over a few iterations in a fresh
-process (the seed's Table 4 puts LSG at about 1.2x the time and 1.1x the memory of Long or Short).
+left out) as median [min-max]; lsg_lora and long, short are compared with lsg_buffers_freed (the default
+settings' LSG iteration, timed as they are).
+
+Memory: the peak RSS of a fresh process running `trainer fit --method sid-lsg`'s whole run (run_sid: three
+iterations, the final checkpoint and the export) above its RSS just before run_sid, i.e. after the imports
+(torch, diffusers, transformers, peft, accelerate: about 840 MB here, the same for every contender) and before
+the teacher is read. So it includes every model's weights (teacher UNet, text encoder, VAE; generator, fake
+network and EMA copies or their adapters), the optimiser states, the gradients, the activations and the
+saving. Each contender runs in --memory-runs fresh processes, in rotating order; its peak is their median and
+a memory ratio is median [min-max] over the paired runs. The imports' RSS is printed too
+(process_baseline_mb), and the LoRA ratio with it added (whole process). The seed's Table 4 puts LSG at about
+1.2x the time and 1.1x the memory of Long or Short.
 
     python benchmarks/sid.py [--batch-size 4] [--resolution 64] [--iterations 21] [--guidance 1.5]
-                             [--official PATH] [--blocks 4] [--json-out FILE]
+                             [--lora-rank 4] [--memory-runs 2] [--official PATH] [--blocks 4] [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -34,13 +47,15 @@ from pathlib import Path
 import click
 
 from figures import blocks_option, emit, json_option  # benchmarks/figures.py: the scripts run from benchmarks/
+from evaluation.timing import ratio  # after figures: it hides CUDA before torch comes in
 
 STRATEGIES = {  # name -> kappa options (the short-guidance scale is below 1 by definition)
     "long": lambda k: {"kappa": 1.0, "kappa4": k},
     "short": lambda k: {"kappa": 1.0, "kappa2": 1.0 / k, "kappa3": 1.0 / k},
     "lsg": lambda k: {"kappa": k},
 }
-TARGETS = {"lsg_time_over_floor": "<= 1.05", "lsg_speed_over_official": ">= 1.15"}
+TARGETS = {"lsg_time_over_floor": "<= 1.05", "lsg_speed_over_official": ">= 1.15",
+           "lsg_lora_memory_over_lsg": "<= 0.5"}  # LoRA's peak memory against the full networks', same size
 SEED = 0
 PROMPTS = 10_000
 
@@ -102,7 +117,7 @@ def floor_iteration(teacher_dir: str, batch_size: int, kappa: float):
 
 
 def interleaved(teacher_dir: str, prompts: str, tmp: Path, batch_size: int, iterations: int, guidance: float,
-                official: str | None, blocks: int) -> dict:
+                lora_rank: int, official: str | None, blocks: int) -> dict:
     from accelerate.state import AcceleratorState
 
     from evaluation.timing import Turns, ratio
@@ -116,6 +131,8 @@ def interleaved(teacher_dir: str, prompts: str, tmp: Path, batch_size: int, iter
     for keep in (True, False):  # the LSG iteration (as long and short are timed) with buffers kept and freed
         cfg = dataclasses.replace(configs["lsg"], keep_grad_buffers=keep, out=str(tmp / f"buffers-{keep}"))
         contenders[f"lsg_buffers_{'kept' if keep else 'freed'}"] = strategy_iteration(cfg, accelerator)
+    lora = dataclasses.replace(configs["lsg"], lora_rank=lora_rank, out=str(tmp / "lora"))
+    contenders["lsg_lora"] = strategy_iteration(lora, accelerator)
     contenders["floor"] = floor_iteration(teacher_dir, batch_size, guidance)
     processes = []
     if official:
@@ -135,7 +152,8 @@ def interleaved(teacher_dir: str, prompts: str, tmp: Path, batch_size: int, iter
     figures = {"lsg_time_over_floor": ratio(seconds["lsg"], seconds["floor"], blocks),
                "lsg_time_over_long": ratio(lsg, seconds["long"], blocks),
                "lsg_time_over_short": ratio(lsg, seconds["short"], blocks),
-               "lsg_time_buffers_kept_over_freed": ratio(seconds["lsg_buffers_kept"], lsg, blocks)}
+               "lsg_time_buffers_kept_over_freed": ratio(seconds["lsg_buffers_kept"], lsg, blocks),
+               "lsg_lora_time_over_lsg": ratio(seconds["lsg_lora"], lsg, blocks)}
     if official:  # images/s of ours (the loop) over the official code's: its seconds over ours
         figures["lsg_speed_over_official"] = ratio(seconds["official"], seconds["lsg"], blocks)
         figures["lsg_speed_over_official_without_gc"] = ratio(seconds["official_without_gc"], seconds["lsg"], blocks)
@@ -143,26 +161,42 @@ def interleaved(teacher_dir: str, prompts: str, tmp: Path, batch_size: int, iter
     return figures
 
 
-def peak_memory(teacher_dir: str, prompts: str, out: str, batch_size: int, options: dict) -> float:
-    """Peak RSS growth (MB) of three iterations of the loop, models and optimiser states included."""
+def peak_memory(teacher_dir: str, prompts: str, out: str, batch_size: int, options: dict) -> dict:
+    """A whole run of three iterations (build, iterations, checkpoint, export): its peak RSS above the RSS
+    before it (MB), so the teacher's and every network's weights, optimiser states, gradients and activations
+    count, the imports do not; and that RSS before it (MB: the imports)."""
     import torch
 
     from evaluation.speed import MemoryProbe
-    from trainer.sid import run_sid
+    from trainer.sid import run_sid  # imports peft too: a LoRA run imports nothing more inside the probe
 
     probe = MemoryProbe(torch.device("cpu"))
     with probe:
         run_sid(sid_config(teacher_dir, prompts, out, batch_size, 3, options))
-    return probe.peak_growth / 2**20
+    if probe.peak_growth is None:
+        raise RuntimeError("peak RSS is not readable here (/proc/self/clear_refs, VmHWM)")
+    return {"peak_mb": probe.peak_growth / 2**20, "before_mb": probe.start / 2**20}
 
 
-def in_fresh_process(job: dict) -> float:
+def in_fresh_process(job: dict) -> dict:
     script = Path(__file__).resolve()
     done = subprocess.run([sys.executable, str(script), "--child", json.dumps(job)], capture_output=True, text=True,
                           cwd=script.parent)
     if done.returncode != 0:
         raise RuntimeError(f"measuring memory failed:\n{done.stderr[-3000:]}")
-    return float(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(runs: dict[str, dict], job: dict, tmp: Path, count: int) -> dict[str, list[dict]]:
+    """Each run's peak memory in `count` fresh processes, the runs in rotating order."""
+    from evaluation.timing import rotated
+
+    measured: dict[str, list[dict]] = {name: [] for name in runs}
+    for turn in range(count):
+        for name in rotated(list(runs), turn):
+            measured[name].append(in_fresh_process({**job, "options": runs[name],
+                                                    "out": str(tmp / f"memory-{name}-{turn}")}))
+    return measured
 
 
 @click.command()
@@ -170,16 +204,20 @@ def in_fresh_process(job: dict) -> float:
 @click.option("--resolution", default=64, show_default=True)
 @click.option("--iterations", default=21, show_default=True, help="Turns: each contender's iterations.")
 @click.option("--guidance", default=1.5, show_default=True, help="K: Long kappa4 = K, Short kappa2,3 = 1/K, LSG all K.")
+@click.option("--lora-rank", default=4, show_default=True, help="The lsg_lora contender's adapter rank (alpha = rank).")
+@click.option("--memory-runs", default=2, show_default=True, help="Fresh processes per contender's peak memory.")
 @click.option("--official", default=None, type=click.Path(exists=True, file_okay=False),
               help="A checkout of the official SiD-LSG code (github.com/mingyuanzhou/SiD-LSG): adds it as a contender.")
 @blocks_option()
 @json_option()
 @click.option("--child", default=None, hidden=True)
-def main(batch_size: int, resolution: int, iterations: int, guidance: float, official: str | None, blocks: int,
-         json_out: str | None, child: str | None) -> None:
+def main(batch_size: int, resolution: int, iterations: int, guidance: float, lora_rank: int, memory_runs: int,
+         official: str | None, blocks: int, json_out: str | None, child: str | None) -> None:
     if child:
-        print(peak_memory(**json.loads(child)))
+        print(json.dumps(peak_memory(**json.loads(child))))
         return
+    if lora_rank < 1 or memory_runs < 1:
+        raise click.BadParameter("--lora-rank and --memory-runs must be at least 1")
     if official:
         from official_sid import official_available
 
@@ -194,17 +232,26 @@ def main(batch_size: int, resolution: int, iterations: int, guidance: float, off
         # distinct prompts, as in a real prompt file: the text cache never hits, every contender encodes its text
         prompts.write_text("\n".join(f"a photo of object number {i}" for i in range(PROMPTS)))
         figures = {"batch_size": batch_size, "resolution": resolution, "iterations": iterations, "guidance": guidance,
-                   **interleaved(teacher_dir, str(prompts), tmp, batch_size, iterations, guidance, official, blocks)}
+                   "lora_rank": lora_rank,
+                   **interleaved(teacher_dir, str(prompts), tmp, batch_size, iterations, guidance, lora_rank, official,
+                                 blocks)}
         runs = {name: kappas(guidance) for name, kappas in STRATEGIES.items()}
         runs["lsg_buffers_kept"] = {**runs["lsg"], "keep_grad_buffers": True}
-        memory = {name: in_fresh_process({"teacher_dir": teacher_dir, "prompts": str(prompts), "options": options,
-                                          "out": str(tmp / f"memory-{name}"), "batch_size": batch_size})
-                  for name, options in runs.items()}
+        runs["lsg_lora"] = {**runs["lsg"], "lora_rank": lora_rank}
+        job = {"teacher_dir": teacher_dir, "prompts": str(prompts), "batch_size": batch_size}
+        measured = measure_memory(runs, job, tmp, memory_runs)
+    peak = {name: [m["peak_mb"] for m in runs_of] for name, runs_of in measured.items()}
+    memory = {name: statistics.median(values) for name, values in peak.items()}
+    baseline = statistics.median(m["before_mb"] for runs_of in measured.values() for m in runs_of)
+    figures["process_baseline_mb"] = baseline
     for name, mb in memory.items():
         figures[f"{name}_peak_mb"] = mb
     for other in ("long", "short"):
         figures[f"lsg_memory_over_{other}"] = memory["lsg"] / memory[other]
     figures["lsg_buffers_kept_memory_over_freed"] = memory["lsg_buffers_kept"] / memory["lsg"]
+    # paired runs (run i of each): one value per pair, as median [min-max]
+    figures["lsg_lora_memory_over_lsg"] = ratio(peak["lsg_lora"], peak["lsg"], memory_runs, skip=0)
+    figures["lsg_lora_whole_process_memory_over_lsg"] = (baseline + memory["lsg_lora"]) / (baseline + memory["lsg"])
     emit(figures, json_out, TARGETS)
 
 

@@ -18,6 +18,7 @@ import click
 from demo.report import write_report
 from demo.settings import FAST, FULL, DemoSettings
 from digits.data import prompt_list
+from digits.variant import train_variant
 from digits.world import build_world
 from evaluation.cli import main as evaluation_main
 from pipeline.cli import main as pipeline_main
@@ -34,6 +35,13 @@ def _run(program: str, entry, argv: list) -> None:
     click.secho(f"$ {program} " + " ".join(argv), fg="cyan")
     if entry(argv) != 0:
         raise SystemExit(f"demo step failed: {program} {' '.join(argv)}")
+
+
+def _timed(stage, *args) -> None:
+    """Run one stage and say how long it took (what README's "Measured" is made of)."""
+    start = time.perf_counter()
+    stage(*args)
+    click.secho(f"stage {stage.__name__}: {time.perf_counter() - start:.0f} s", fg="green")
 
 
 def build_shards(root: Path, world, s: DemoSettings) -> None:
@@ -85,9 +93,13 @@ def _w_distill(root: Path, s: DemoSettings) -> list:
     return ["--method", "w-distill", "--shards", root / "shards-cfg", "--w-min", s.w_min, "--w-max", s.w_max]
 
 
+def _cfg_distill(root: Path, s: DemoSettings) -> list:
+    return ["--method", "cfg-distill", "--shards", root / "shards-cfg", "--guidance-scale", s.alpha]
+
+
 def fit_students(root: Path, world, s: DemoSettings) -> None:
     students = {
-        "cfg": ["--method", "cfg-distill", "--shards", root / "shards-cfg", "--guidance-scale", s.alpha],
+        "cfg": _cfg_distill(root, s),
         "blue": ["--method", "classifier-distill", "--shards", root / "shards-blue", "--guidance-scale", s.gamma],
         "w": _w_distill(root, s),
     }
@@ -95,17 +107,37 @@ def fit_students(root: Path, world, s: DemoSettings) -> None:
         _fit_student(root, world, s, name, method)
 
 
-def fit_one_step(root: Path, world, s: DemoSettings) -> None:
+def _fit_sid(root: Path, world, s: DemoSettings, name: str, extra: list = ()) -> None:
     """SiD-LSG from prompts alone: every caption template for every digit, no images."""
     prompts = root / "sid-prompts.txt"
     prompts.write_text("\n".join(prompt_list()) + "\n")
     kimg = s.sid_kimg
     _run("trainer", trainer_main, [
-        "fit", "--method", "sid-lsg", "--teacher", world.teacher, "--prompts", prompts, "--out", root / "student-sid",
-        "--kappa", s.sid_kappa, "--batch-size", s.sid_batch, "--lr", s.sid_lr, "--max-kimg", kimg,
+        "fit", "--method", "sid-lsg", "--teacher", world.teacher, "--prompts", prompts,
+        "--out", root / f"student-{name}", "--kappa", s.sid_kappa, "--batch-size", s.sid_batch, "--lr", s.sid_lr, "--max-kimg", kimg,
         "--ema-halflife-kimg", s.sid_ema_kimg, "--checkpoint-every-kimg", kimg / 2, "--grid-every-kimg", kimg / 4,
-        "--resume", "latest", "--report-to", "none",
+        "--resume", "latest", "--report-to", "none", *extra,
     ])
+
+
+def fit_one_step(root: Path, world, s: DemoSettings) -> None:
+    _fit_sid(root, world, s, "sid")
+
+
+def fit_lora_students(root: Path, world, s: DemoSettings) -> None:
+    """student-cfg and student-sid again as LoRA adapters on the frozen teacher UNet, with the same settings;
+    merged, so that evaluation reads them like any student."""
+    lora = ["--lora-rank", s.lora_rank, "--merge"]
+    _fit_student(root, world, s, "cfg-lora", [*_cfg_distill(root, s), *lora])
+    _fit_sid(root, world, s, "sid-lora", lora)
+
+
+def lora_on_variant(root: Path, world, s: DemoSettings) -> None:
+    """LoRA students as acceleration modules: a red-ink fine-tune of the teacher (a style the base lacks, cached),
+    and the cfg LoRA learnt on the base folded into it (`trainer export --base`)."""
+    variant = train_variant(world.teacher, root / "variant-red", s.variant, log=click.echo)
+    _run("trainer", trainer_main, ["export", root / "student-cfg-lora", "--base", variant,
+                                   "--to", root / "student-cfg-lora-on-variant"])
 
 
 def _progressive(root: Path, s: DemoSettings, student: Path, out: Path) -> None:
@@ -165,13 +197,17 @@ def evaluate(root: Path, world, s: DemoSettings, compare_w_loss: bool = False) -
     scoring = ["--coco", world.coco, "--evaluator", "digits", "--digits-classifier", world.classifier,
                "--num-images", s.eval_images, "--batch-size", 64, "--cache-dir", root / "eval" / "cache"]
     common = [*scoring, "--num-inference-steps", s.sample_steps]
+    students = [root / "student-cfg", root / "student-cfg-lora", f"{root / 'student-w'}@cfg={s.alpha}",
+                root / "student-sid", root / "student-sid-lora"]
     _run("evaluation", evaluation_main, [
         "sweep", "--teacher", world.teacher, "--scales", ",".join(map(str, s.sweep_scales)),
-        "--model", root / "student-cfg", "--model", f"{root / 'student-w'}@cfg={s.alpha}",
-        "--model", root / "student-sid", "--out", root / "eval" / "sweep", *common])
+        *[arg for student in students for arg in ("--model", student)], "--out", root / "eval" / "sweep", *common])
     for name, model in s.blue_models(world.teacher, root).items():
         _run("evaluation", evaluation_main, ["coco30k", "--model", model, "--metrics", "blue,clip",
                                              "--out", root / "eval" / name, *common])
+    for name, (_, model, _) in s.lora_module_models(world.teacher, root).items():
+        _run("evaluation", evaluation_main, ["coco30k", "--model", model, "--metrics", "fid,clip,red",
+                                             "--out", root / "eval" / "lora-module" / name, *common])
     for name, (model, steps) in few_step_models(root, s).items():
         _run("evaluation", evaluation_main, ["coco30k", "--model", model, "--metrics", "fid,clip",
                                              "--out", root / "eval" / "few-step" / name, *scoring,
@@ -183,7 +219,8 @@ def evaluate(root: Path, world, s: DemoSettings, compare_w_loss: bool = False) -
     teacher = world.teacher
     _run("evaluation", evaluation_main, [
         "speed", "--model", f"{teacher}@cfg=1", "--model", f"{teacher}@cfg={s.alpha}",
-        "--model", f"{teacher}@blue={s.gamma}", "--model", root / "student-cfg", "--model", root / "student-blue",
+        "--model", f"{teacher}@blue={s.gamma}", "--model", root / "student-cfg", "--model", root / "student-cfg-lora",
+        "--model", root / "student-blue",
         "--model", f"{root / 'student-w'}@cfg={s.alpha}", "--model", root / "student-sid",
         "--model", few_step_models(root, s)[f"progressive-{s.few_steps[-1]}"][0],
         "--out", root / "eval" / "speed",
@@ -201,14 +238,12 @@ def main(out: str, fast: bool, compare_w_loss: bool) -> None:
     root = Path(out)
     start = time.perf_counter()
     world = build_world(root / "world", settings.world, log=click.echo)
-    build_shards(root, world, settings)
-    check_inputs(root, world)
-    fit_students(root, world, settings)
-    fit_one_step(root, world, settings)
-    fit_few_step(root, world, settings)
-    if compare_w_loss:
-        fit_w_loss_arm(root, world, settings)
-    evaluate(root, world, settings, compare_w_loss)
+    _timed(build_shards, root, world, settings)
+    _timed(check_inputs, root, world)
+    for stage in (fit_students, fit_one_step, fit_few_step, fit_lora_students, lora_on_variant,
+                  *([fit_w_loss_arm] if compare_w_loss else [])):
+        _timed(stage, root, world, settings)
+    _timed(evaluate, root, world, settings, compare_w_loss)
     report = write_report(root, world, settings, time.perf_counter() - start, compare_w_loss)
     click.echo(f"report: {report.resolve()}")
 

@@ -1,5 +1,6 @@
 """The demo's report.md: the seed's Table 5 for the digits world, the sweep plot, blue-tone before and after,
-time and memory, and image grids with the same prompts and seeds for every model."""
+LoRA students against full ones and as an acceleration module on a fine-tune, time and memory, and image grids
+with the same prompts and seeds for every model."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from evaluation.metrics import paired_mse
 from evaluation.render import load_images
 from evaluation.report import markdown_table
 from evaluation.sweep import slug
+from students.lora import LORA_FILE
 
 GRID_COLUMNS = 8
 
@@ -118,6 +120,64 @@ def inputs_section(root: Path) -> list[str]:
     ]
 
 
+def _mb(path: Path) -> float:
+    return path.stat().st_size / 2**20
+
+
+def _share(part: float, whole: float) -> str:
+    """part / whole as a percentage, or n/a when whole is 0."""
+    return f"{part / whole:.0%}" if whole else "n/a"
+
+
+def lora_section(root: Path, settings, by_label: dict) -> list[str]:
+    """The LoRA students beside the full students they repeat with the same settings: quality, and what ships."""
+    rows = []
+    for method, name in (("cfg-distill", "cfg"), ("sid-lsg", "sid")):
+        full, lora = by_label[f"student-{name} ({method})"], by_label[f"student-{name}-lora ({method})"]
+        rows.append([method, float(full["clip_score"]), float(lora["clip_score"]), float(full["fid"]),
+                     float(lora["fid"]), _mb(root / f"student-{name}" / "unet" / "diffusion_pytorch_model.safetensors"),
+                     _mb(root / f"student-{name}-lora" / LORA_FILE)])
+    return [
+        f"## LoRA students against full ones (rank {settings.lora_rank})", "",
+        f"`trainer fit ... --lora-rank {settings.lora_rank} --merge`: an adapter (alpha = rank, on the attention and "
+        "feed-forward projections) on the frozen teacher UNet instead of the whole UNet, every other setting the "
+        "full student's. The full student ships its UNet; the LoRA student its adapter (diffusers' file; the kohya "
+        "file is the same size). Training memory of sid-lsg with LoRA against the full method is measured by "
+        "`benchmarks/sid.py` (lsg_lora).", "",
+        *markdown_table(["method", "digit-CLIP: full", "LoRA", "digit-FID: full", "LoRA", "UNet file MB",
+                         "adapter file MB"], rows, ".4g"), "",
+    ]
+
+
+def lora_module_section(root: Path, teacher: Path, settings) -> list[str]:
+    """The cfg LoRA learnt on the base teacher, folded into a fine-tune in a style the base lacks (red ink):
+    does the fine-tune keep its style, and does it get the guidance, in one pass per step?"""
+    models = settings.lora_module_models(teacher, root)
+    scores = {name: _json(root / "eval" / "lora-module" / name / "metrics.json") for name in models}
+    rows = [[label, scores[name]["clip_score"], scores[name]["fid"], scores[name]["red_fraction"], passes]
+            for name, (label, _, passes) in models.items()]
+    cond, cfg, lora = scores["variant-cond"], scores["variant-cfg"], scores["variant-lora"]
+    base, base_lora = scores["teacher-cfg"], scores["teacher-lora"]
+    style_kept = _share(lora["red_fraction"] - base_lora["red_fraction"], cfg["red_fraction"] - base["red_fraction"])
+    guidance_kept = _share(lora["clip_score"] - cond["clip_score"], cfg["clip_score"] - cond["clip_score"])
+    variant = _json(root / "variant-red" / "variant.json")
+    recipe = variant["recipe"]
+    return [
+        "## LoRA as an acceleration module", "",
+        f"The teacher fine-tuned on the train split in one red ink (`digits/variant.py`: {recipe['steps']} steps of "
+        f"batch {recipe['batch_size']}, lr {recipe['lr']:g}, UNet only, the teacher's VAE and text encoder; "
+        f"{variant['seconds'] / 60:.1f} min) stands in for a community fine-tune. The cfg-distill LoRA learnt on "
+        "the base teacher is folded into it (`trainer export student-cfg-lora --base variant-red --to "
+        "student-cfg-lora-on-variant`) and sampled at guidance 1. Red fraction: the share of pixels whose red "
+        "channel exceeds green and blue by 25/255.", "",
+        *markdown_table(["model", "digit-CLIP", "digit-FID", "red fraction", "UNet passes per step"], rows, ".4g"), "",
+        f"Of the red fraction the fine-tune adds to the base with CFG ({base['red_fraction']:.3f} -> "
+        f"{cfg['red_fraction']:.3f}), the LoRA keeps {style_kept} on the variant (measured against the base with "
+        f"the same LoRA); of the digit-CLIP gain CFG gives the variant over its unguided samples it gives "
+        f"{guidance_kept}, at half the UNet passes.", "",
+    ]
+
+
 def time_ratio(timing: dict, field: str) -> str | None:
     """A time ratio of `evaluation speed` as 'ratio [min-max]' over its interleaved turns."""
     if field not in timing:
@@ -135,9 +195,9 @@ def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bo
     blue = {name: _json(evals / name / "metrics.json") for name in settings.blue_models(world.teacher, root)}
     by_label = {r["label"]: r for r in sweep}
     teacher_1, teacher_a = by_label["teacher no guidance"], by_label[f"teacher cfg {alpha:g}"]
-    student = next(r for r in sweep if r["kind"] == "cfg-distill")
+    student, lora_student = by_label["student-cfg (cfg-distill)"], by_label["student-cfg-lora (cfg-distill)"]
     w_student = next(r for r in sweep if r["kind"] == "w-distill")
-    one_step = next(r for r in sweep if r["kind"] == "sid-lsg")
+    one_step = by_label["student-sid (sid-lsg)"]
     sid = _json(root / "student-sid" / "distillation.json")
 
     def table5_row(name: str, row: dict) -> list:
@@ -163,6 +223,7 @@ def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bo
         *markdown_table(["model", "steps", "digit-CLIP (higher is better)", "digit-FID (lower is better)",
                          "UNet passes per image", "s per image", "peak MiB", "time per image / CFG teacher"],
                 [table5_row("teacher, no guidance", teacher_1), table5_row("student-cfg (distilled, no guidance)", student),
+                 table5_row(f"student-cfg-lora (LoRA rank {settings.lora_rank}, merged; no guidance)", lora_student),
                  table5_row(f"teacher, CFG {alpha:g}", teacher_a),
                  table5_row(f"student-w at w = {alpha:g}", w_student),
                  table5_row(f"student-sid, one step (SiD-LSG, kappa {settings.sid_kappa:g})", one_step)]), "",
@@ -179,6 +240,8 @@ def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bo
         *[f"![{p.stem}](student-sid/samples/{p.name})" for p in sorted((root / "student-sid" / "samples").glob("*.png"))],
         "",
         *few_step_section(root, settings),
+        *lora_section(root, settings, by_label),
+        *lora_module_section(root, world.teacher, settings),
         *inputs_section(root),
         *(w_loss_section(root, settings) if compare_w_loss else []),
         "## The teacher across CFG scales, and the students", "", "![sweep](eval/sweep/sweep.png)", "",
@@ -198,6 +261,8 @@ def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bo
     rows = [(r["label"], evals / "sweep" / slug(r["label"])) for r in sweep]
     rows += [(name, evals / name) for name in blue]
     rows += [(f"progressive, {n} step{'s' * (n > 1)}", evals / "few-step" / f"progressive-{n}") for n in settings.few_steps]
+    rows += [(settings.lora_module_models(world.teacher, root)[name][0], evals / "lora-module" / name)
+             for name in ("variant-cond", "variant-cfg", "variant-lora")]
     labelled_grid(rows, root / "grids.png")
     report = root / "report.md"
     report.write_text("\n".join(lines) + "\n")

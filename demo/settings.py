@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from digits.variant import VariantRecipe
 from digits.world import FAST as FAST_WORLD
 from digits.world import WorldRecipe
 
@@ -31,6 +32,8 @@ class DemoSettings:
     few_steps: tuple[int, ...] = (1, 2, 4, 8)  # the step counts compared in the report
     stochastic_steps: tuple[int, ...] = (4, 8)  # ... with Meng et al.'s stochastic sampler too
     w_loss_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)  # --compare-w-loss: the w-students at these scales
+    lora_rank: int = 8  # the LoRA students (cfg-distill, sid-lsg): otherwise the full students' settings
+    variant: VariantRecipe = field(default_factory=VariantRecipe)  # the red-ink fine-tune the cfg LoRA is applied to
     eval_images: int = 300
     sample_steps: int = 25
     sweep_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -43,9 +46,21 @@ class DemoSettings:
         return {"teacher-cond": f"{teacher}@cfg=1", "teacher-blue": f"{teacher}@blue={self.gamma}",
                 "student-blue": str(root / "student-blue")}
 
+    def lora_module_models(self, teacher: Path, root: Path) -> dict[str, tuple[str, str, int]]:
+        """name -> (label, model argument, UNet passes per step) of the LoRA-as-acceleration-module table: the
+        red-ink variant unguided and with CFG, the variant with the cfg LoRA learnt on the base folded in, and
+        the base teacher with CFG and with that LoRA for reference."""
+        variant, a = root / "variant-red", self.alpha
+        return {"variant-cond": ("red-ink variant, no guidance", f"{variant}@cfg=1", 1),
+                "variant-cfg": (f"red-ink variant, CFG {a:g}", f"{variant}@cfg={a}", 2),
+                "variant-lora": ("red-ink variant + base's cfg LoRA", str(root / "student-cfg-lora-on-variant"), 1),
+                "teacher-cfg": (f"base teacher, CFG {a:g}", f"{teacher}@cfg={a}", 2),
+                "teacher-lora": ("base teacher + its cfg LoRA", str(root / "student-cfg-lora"), 1)}
+
 
 FULL = DemoSettings()
 FAST = DemoSettings(world=FAST_WORLD, shard_samples=64, fit_steps=4, fit_batch=8, sid_kimg=0.016, sid_batch=8,
                     sid_ema_kimg=0.008, progressive_start_steps=4, progressive_iters=2, few_steps=(1, 2),
-                    stochastic_steps=(2,), w_loss_scales=(1.0, 3.0), eval_images=16, sample_steps=3,
+                    stochastic_steps=(2,), w_loss_scales=(1.0, 3.0),
+                    variant=VariantRecipe(steps=2, batch_size=8, colourings=1), eval_images=16, sample_steps=3,
                     sweep_scales=(1.0, 3.0), speed_batch=2, speed_repeats=1)

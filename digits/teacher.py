@@ -83,19 +83,23 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, recipe: TeacherRecipe) -
     return float(1.0 / means.std())
 
 
-def train_unet(parts: dict, latents: torch.Tensor, labels: np.ndarray, recipe: TeacherRecipe) -> UNet2DConditionModel:
-    """eps-MSE on z_t = a_t z0 + sigma_t eps with a fresh caption per sample and 15 % empty captions."""
+def train_unet(parts: dict, latents: torch.Tensor, labels: np.ndarray, recipe: TeacherRecipe,
+               train_text_encoder: bool = True) -> UNet2DConditionModel:
+    """eps-MSE on z_t = a_t z0 + sigma_t eps with a fresh caption per sample and 15 % empty captions. With
+    `train_text_encoder` False the text encoder stays frozen (a fine-tune that keeps the base's text embeddings)."""
     unet, text_encoder, tokenizer = parts["unet"], parts["text_encoder"], parts["tokenizer"]
     schedule = NoiseSchedule.from_scheduler_config(SD_SCHEDULER)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    text_encoder.requires_grad_(train_text_encoder)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
     optimizer = make_adam(params, decoupled=True, lr=recipe.unet_lr, betas=ADAM_BETAS, eps=1e-8, weight_decay=1e-2)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 200))
     ema = copy.deepcopy(unet).requires_grad_(False)
     averages, currents = list(ema.parameters()), list(unet.parameters())
     rng, generator = random.Random(recipe.seed), torch.Generator().manual_seed(recipe.seed)
     unet.train()
-    text_encoder.train()
-    progress = tqdm(range(recipe.unet_steps), desc="digits teacher: UNet + text encoder", unit="step")
+    text_encoder.train(train_text_encoder)
+    progress = tqdm(range(recipe.unet_steps), unit="step",
+                    desc="digits teacher: UNet" + " + text encoder" * train_text_encoder)
     for step in progress:
         index = torch.randint(0, len(latents), (recipe.batch_size,), generator=generator)
         texts = ["" if rng.random() < recipe.caption_dropout else caption(int(labels[i]), rng) for i in index]

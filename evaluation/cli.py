@@ -133,7 +133,7 @@ def generate(model, guidance_scale, classifier_guidance, sampler, variant, promp
 @model_options
 @option("out", "Output folder: images/, prompts.json, metrics.json, report.md, grid.png.", required=True,
         type=click.Path(file_okay=False))
-@option("metrics", "Comma list of fid, clip, pr, blue (the share of blue pixels).")
+@option("metrics", "Comma list of fid, clip, pr, blue, red (the share of blue or red pixels).")
 @metric_options
 @render_options
 def coco30k(**options) -> None:

@@ -17,14 +17,16 @@ from accelerate import PartialState
 
 from diffusion.errors import UserError
 from evaluation.coco import prepare_256, prompts_sha256, reference_images, write_prompts
-from evaluation.metrics import blue_fraction, feature_statistics, frechet_distance, precision_recall
+from evaluation.metrics import colour_fraction, feature_statistics, frechet_distance, precision_recall
 from evaluation.models import describe_model, parse_model_arg, with_variant
 from evaluation.prompt_list import PromptSelection, select_prompts
 from evaluation.reference import reference_features, reference_statistics, reference_subset
 from evaluation.render import Renderer, load_images, render_prompts
 from evaluation.report import write_report
+from students.card import write_scored_card
 
-METRICS = ("fid", "clip", "pr", "blue")
+COLOUR_METRICS = ("blue", "red")  # the share of pixels of that colour: `{name}_fraction` in metrics.json
+METRICS = ("fid", "clip", "pr", *COLOUR_METRICS)
 PR_FEATURES = ("vgg16", "inception")
 DEFAULT_CACHE = Path.home() / ".cache" / "guided-distill" / "reference"
 
@@ -108,8 +110,8 @@ def score(images: list[np.ndarray], prompts: list[str], evaluators: dict, coco: 
     """Every chosen metric on prepared (256 px) generated images. An extractor that serves two metrics (PR on
     the FID features) sees the generated images once."""
     result: dict[str, Any] = {}
-    if "blue" in metrics:
-        result["blue_fraction"] = blue_fraction(images)
+    for colour in (m for m in COLOUR_METRICS if m in metrics):
+        result[f"{colour}_fraction"] = colour_fraction(images, colour)
     refs = reference_images(coco) if coco else []
     extracted: dict[int, np.ndarray] = {}
 
@@ -198,6 +200,7 @@ def run_coco30k(cfg: EvalConfig) -> dict | None:
     record["config"] = asdict(cfg)
     (out / "metrics.json").write_text(json.dumps(record, indent=2))
     write_report(out, record, prompts)
+    write_scored_card(spec.folder, record)
     return record
 
 

@@ -5,8 +5,8 @@
 - Precision and recall (Kynkaanniemi et al. 2019): a sample is "covered" when it lies inside the k-NN ball of
   some sample of the other set; distances are computed in row blocks so memory stays bounded.
 - CLIP score: the mean cosine between paired image and text embeddings, raw (about 0.30 for SD 1.5), not x100.
-- Blue fraction: the share of pixels whose blue channel exceeds both red and green by a margin (how far blue-tone
-  guidance has taken the images).
+- Colour fraction (blue, red): the share of pixels whose channel of that colour exceeds both others by a margin
+  (how far blue-tone guidance has taken the images; how much of a red-ink style a model keeps).
 """
 
 from __future__ import annotations
@@ -80,8 +80,18 @@ def clip_score(image_features: np.ndarray, text_features: np.ndarray) -> float:
     return float(paired_cosines(image_features, text_features).mean())
 
 
-def blue_fraction(images: list[np.ndarray], margin: int = 25) -> float:
-    """Mean over images of the fraction of pixels with B > max(R, G) + margin (uint8 HxWx3 images)."""
+COLOUR_CHANNELS = {"red": 0, "green": 1, "blue": 2}
+
+
+def colour_fraction(images: list[np.ndarray], colour: str, margin: int = 25) -> float:
+    """Mean over images of the fraction of pixels whose `colour` channel exceeds both others by more than margin
+    (uint8 HxWx3 images; colour: red, green or blue)."""
     stack = np.stack(images).astype(np.int16)
-    blue = stack[..., 2] > np.maximum(stack[..., 0], stack[..., 1]) + margin
-    return float(blue.mean())
+    channel = COLOUR_CHANNELS[colour]
+    first, second = (stack[..., c] for c in COLOUR_CHANNELS.values() if c != channel)
+    return float((stack[..., channel] > np.maximum(first, second) + margin).mean())
+
+
+def blue_fraction(images: list[np.ndarray], margin: int = 25) -> float:
+    """colour_fraction of blue: B > max(R, G) + margin."""
+    return colour_fraction(images, "blue", margin)

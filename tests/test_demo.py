@@ -56,7 +56,8 @@ def test_train_and_eval_splits_are_disjoint():
 def test_report_has_every_section_and_grids(fast_demo):
     report = (fast_demo / "report.md").read_text()
     for heading in ("Table 5 of the seed", "One-step generation", "Fewer steps", "across CFG scales",
-                    "Blue-tone guidance", "Time and memory", "Samples", "w-distill's loss", "Bad inputs"):
+                    "Blue-tone guidance", "Time and memory", "Samples", "w-distill's loss", "Bad inputs",
+                    "LoRA students against full ones", "LoRA as an acceleration module"):
         assert heading in report
     check = json.loads((fast_demo / "inputs-check.json").read_text())
     assert set(check["dataset"]["skipped"]) == {
@@ -72,7 +73,8 @@ def test_report_has_every_section_and_grids(fast_demo):
         "w_loss"] == "x0"
     assert "| student-cfg (distilled, no guidance) |" in report
     grid = np.asarray(Image.open(fast_demo / "grids.png"))
-    assert grid.shape[0] == 64 * 10  # sweep points (2 scales + 3 students), three blue rows, progressive at 1 and 2
+    # sweep points (2 scales + 5 students), three blue rows, progressive at 1 and 2, three red-ink variant rows
+    assert grid.shape[0] == 64 * 15
     assert "| student-sid, one step (SiD-LSG, kappa 3) | 1 |" in report
     sid = json.loads((fast_demo / "student-sid" / "distillation.json").read_text())
     assert sid["method"] == "sid-lsg" and sid["kimg"] == 0.016 and sid["iterations"] == 2
@@ -90,6 +92,25 @@ def test_report_has_every_section_and_grids(fast_demo):
         record = json.loads((fast_demo / f"student-{name}" / "distillation.json").read_text())
         assert record["steps"] == 4
     assert (fast_demo / "eval" / "sweep" / "sweep.png").is_file()
+
+
+def test_lora_students_and_the_acceleration_module(fast_demo):
+    report = (fast_demo / "report.md").read_text()
+    assert "| student-cfg-lora (LoRA rank 8, merged; no guidance) | 3 |" in report
+    for name, method in (("cfg-lora", "cfg-distill"), ("sid-lora", "sid-lsg")):
+        record = json.loads((fast_demo / f"student-{name}" / "distillation.json").read_text())
+        assert record["method"] == method and record["adapter"]["rank"] == 8 and record["adapter"]["merged_pipeline"]
+    lora_rows = [line for line in report.split("## LoRA students")[1].split("\n## ")[0].splitlines()
+                 if line.startswith(("| cfg-distill |", "| sid-lsg |"))]
+    assert len(lora_rows) == 2 and all(line.count("|") == 8 and "|  |" not in line for line in lora_rows)
+    applied = json.loads((fast_demo / "student-cfg-lora-on-variant" / "distillation.json").read_text())
+    variant = fast_demo / "variant-red"
+    assert applied["adapter"]["base"] == str(variant.resolve()) and applied["method"] == "cfg-distill"
+    assert json.loads((variant / "variant.json").read_text())["recipe"]["steps"] == 2
+    module = report.split("## LoRA as an acceleration module")[1].split("\n## ")[0]
+    rows = [line for line in module.splitlines() if line.startswith(("| red-ink", "| base teacher"))]
+    assert len(rows) == 5 and all(line.count("|") == 6 and "|  |" not in line for line in rows)
+    assert [line.rsplit("|", 2)[1].strip() for line in rows] == ["1", "2", "1", "2", "1"]  # UNet passes per step
 
 
 def test_captions_name_their_digit_and_images_are_coloured():
