@@ -114,9 +114,9 @@ def _fit_sid(root: Path, world, s: DemoSettings, name: str, extra: list = ()) ->
     kimg = s.sid_kimg
     _run("trainer", trainer_main, [
         "fit", "--method", "sid-lsg", "--teacher", world.teacher, "--prompts", prompts,
-        "--out", root / f"student-{name}", "--kappa", s.sid_kappa, "--batch-size", s.sid_batch, "--lr", s.sid_lr, "--max-kimg", kimg,
-        "--ema-halflife-kimg", s.sid_ema_kimg, "--checkpoint-every-kimg", kimg / 2, "--grid-every-kimg", kimg / 4,
-        "--resume", "latest", "--report-to", "none", *extra,
+        "--out", root / f"student-{name}", "--kappa", s.sid_kappa, "--batch-size", s.sid_batch, "--lr", s.sid_lr,
+        "--max-kimg", kimg, "--ema-halflife-kimg", s.sid_ema_kimg, "--checkpoint-every-kimg", kimg / 2,
+        "--grid-every-kimg", kimg / 4, "--resume", "latest", "--report-to", "none", *extra,
     ])
 
 
