@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 # CPU figures: the bare callables build their tensors on the CPU and Turns does not synchronise CUDA here, so
 # a GPU the trainers would pick up is hidden (read at CUDA's first use, so setting it after torch's import works).
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-from evaluation.timing import Ratio
+from evaluation.timing import Ratio, rotated
 
 
 def emit(figures: dict, json_out: str | None, targets: dict[str, str] | None = None) -> None:
@@ -85,3 +88,38 @@ def build_shard_world(folder: Path, samples: int, resolution: int, store_clean: 
     run_build(BuildConfig(teacher=str(teacher_dir), source=str(source), out=str(folder / "shards"),
                           resolution=resolution, batch_size=16, shard_size=64, store_clean=store_clean))
     return teacher_dir, folder / "shards"
+
+
+def peak_memory_of(run: Callable[[], object]) -> dict:
+    """`run()` under a CPU memory probe: its peak RSS above the RSS before it (MB), so every weight, optimiser
+    state, gradient and activation it makes counts and the imports do not; and that RSS before it (MB)."""
+    import torch
+
+    from evaluation.speed import MemoryProbe
+
+    probe = MemoryProbe(torch.device("cpu"))
+    with probe:
+        run()
+    if probe.peak_growth is None:
+        raise RuntimeError("peak RSS is not readable here (/proc/self/clear_refs, VmHWM)")
+    return {"peak_mb": probe.peak_growth / 2**20, "before_mb": probe.start / 2**20}
+
+
+def in_fresh_process(script: str, job: dict) -> dict:
+    """Run `script --child JOB` (a benchmark measuring one job) in a new process; its last stdout line, as JSON."""
+    script = Path(script).resolve()
+    done = subprocess.run([sys.executable, str(script), "--child", json.dumps(job)], capture_output=True, text=True,
+                          cwd=script.parent)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring memory failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory_in_turns(script: str, jobs: dict[str, Callable[[int], dict]], count: int) -> dict[str, list[dict]]:
+    """Each named job's peak memory in `count` fresh processes of `script`, the jobs in rotating order;
+    `jobs[name](turn)` is the job of that turn (its own output folder)."""
+    measured: dict[str, list[dict]] = {name: [] for name in jobs}
+    for turn in range(count):
+        for name in rotated(list(jobs), turn):
+            measured[name].append(in_fresh_process(script, jobs[name](turn)))
+    return measured

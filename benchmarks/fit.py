@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -42,15 +40,14 @@ from accelerate.state import AcceleratorState
 from diffusion.teacher import load_teacher, load_unet
 from diffusion.tiny import CPU_SIZES
 from diffusion.unet import unet_eps
-from evaluation.speed import MemoryProbe
-from evaluation.timing import Turns, ratio, rotated
+from evaluation.timing import Turns, ratio
 from shards.reader import ShardStream
 from trainer.config import FitConfig
 from trainer.fit import build_student, make_optimizer, run_fit
 from trainer.losses import cfg_distill_loss
 from trainer.optim import clear_gradients
 
-from figures import build_shard_world, emit, shard_world_options  # benchmarks/figures.py: the scripts run from benchmarks/
+from figures import build_shard_world, emit, memory_in_turns, peak_memory_of, shard_world_options  # benchmarks/figures.py: the scripts run from benchmarks/
 
 TARGETS = {"fit_over_bare": ">= 0.98", "fit_ema_over_bare": ">= 0.96",
            "fit_lora_memory_over_full": "<= 0.5"}  # LoRA's peak memory against the full student's, same size
@@ -144,36 +141,18 @@ def lora_against_full(cfg: dict, lora_rank: int, tmp: Path, steps: int, blocks: 
 
 
 def peak_memory(cfg: dict) -> dict:
-    """A whole `trainer fit` run of MEMORY_STEPS steps: its peak RSS above the RSS before it (MB), and that
-    RSS (MB: the imports)."""
-    probe = MemoryProbe(torch.device("cpu"))
-    with probe:
-        run_fit(FitConfig(**cfg))
-    if probe.peak_growth is None:
-        raise RuntimeError("peak RSS is not readable here (/proc/self/clear_refs, VmHWM)")
-    return {"peak_mb": probe.peak_growth / 2**20, "before_mb": probe.start / 2**20}
-
-
-def in_fresh_process(cfg: dict) -> dict:
-    script = Path(__file__).resolve()
-    done = subprocess.run([sys.executable, str(script), "--child", json.dumps(cfg)], capture_output=True, text=True,
-                          cwd=script.parent)
-    if done.returncode != 0:
-        raise RuntimeError(f"measuring memory failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """A whole `trainer fit` run of MEMORY_STEPS steps under the memory probe (figures.peak_memory_of)."""
+    return peak_memory_of(lambda: run_fit(FitConfig(**cfg)))
 
 
 def memory_figures(cfg: dict, lora_rank: int, tmp: Path, runs: int) -> dict:
     """Peak memory of the full and the LoRA student's runs, each in `runs` fresh processes, alternating."""
     options = {"full": {}, "lora": {"lora_rank": lora_rank}}
-    peak: dict[str, list[float]] = {name: [] for name in options}
-    before = []
-    for turn in range(runs):
-        for name in rotated(list(options), turn):
-            measured = in_fresh_process({**cfg, **options[name], "max_steps": MEMORY_STEPS,
-                                         "checkpoint_every": MEMORY_STEPS, "out": str(tmp / f"memory-{name}-{turn}")})
-            peak[name].append(measured["peak_mb"])
-            before.append(measured["before_mb"])
+    measured = memory_in_turns(__file__, {name: (lambda turn, name=name: {
+        **cfg, **options[name], "max_steps": MEMORY_STEPS, "checkpoint_every": MEMORY_STEPS,
+        "out": str(tmp / f"memory-{name}-{turn}")}) for name in options}, runs)
+    peak = {name: [m["peak_mb"] for m in runs_of] for name, runs_of in measured.items()}
+    before = [m["before_mb"] for runs_of in measured.values() for m in runs_of]
     baseline, full, lora = statistics.median(before), statistics.median(peak["full"]), statistics.median(peak["lora"])
     return {"process_baseline_mb": baseline, "fit_peak_mb": full, "fit_lora_peak_mb": lora,
             "fit_lora_memory_over_full": ratio(peak["lora"], peak["full"], runs, skip=0),

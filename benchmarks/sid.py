@@ -39,14 +39,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import click
 
-from figures import blocks_option, emit, json_option  # benchmarks/figures.py: the scripts run from benchmarks/
+from figures import blocks_option, emit, json_option, memory_in_turns, peak_memory_of  # benchmarks/figures.py: the scripts run from benchmarks/
 from evaluation.timing import ratio  # after figures: it hides CUDA before torch comes in
 
 STRATEGIES = {  # name -> kappa options (the short-guidance scale is below 1 by definition)
@@ -162,41 +160,12 @@ def interleaved(teacher_dir: str, prompts: str, tmp: Path, batch_size: int, iter
 
 
 def peak_memory(teacher_dir: str, prompts: str, out: str, batch_size: int, options: dict) -> dict:
-    """A whole run of three iterations (build, iterations, checkpoint, export): its peak RSS above the RSS
-    before it (MB), so the teacher's and every network's weights, optimiser states, gradients and activations
-    count, the imports do not; and that RSS before it (MB: the imports)."""
-    import torch
-
-    from evaluation.speed import MemoryProbe
+    """A whole run of three iterations (build, iterations, checkpoint, export) under the memory probe
+    (figures.peak_memory_of): the teacher's and every network's weights, optimiser states, gradients and
+    activations count, the imports do not."""
     from trainer.sid import run_sid  # imports peft too: a LoRA run imports nothing more inside the probe
 
-    probe = MemoryProbe(torch.device("cpu"))
-    with probe:
-        run_sid(sid_config(teacher_dir, prompts, out, batch_size, 3, options))
-    if probe.peak_growth is None:
-        raise RuntimeError("peak RSS is not readable here (/proc/self/clear_refs, VmHWM)")
-    return {"peak_mb": probe.peak_growth / 2**20, "before_mb": probe.start / 2**20}
-
-
-def in_fresh_process(job: dict) -> dict:
-    script = Path(__file__).resolve()
-    done = subprocess.run([sys.executable, str(script), "--child", json.dumps(job)], capture_output=True, text=True,
-                          cwd=script.parent)
-    if done.returncode != 0:
-        raise RuntimeError(f"measuring memory failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def measure_memory(runs: dict[str, dict], job: dict, tmp: Path, count: int) -> dict[str, list[dict]]:
-    """Each run's peak memory in `count` fresh processes, the runs in rotating order."""
-    from evaluation.timing import rotated
-
-    measured: dict[str, list[dict]] = {name: [] for name in runs}
-    for turn in range(count):
-        for name in rotated(list(runs), turn):
-            measured[name].append(in_fresh_process({**job, "options": runs[name],
-                                                    "out": str(tmp / f"memory-{name}-{turn}")}))
-    return measured
+    return peak_memory_of(lambda: run_sid(sid_config(teacher_dir, prompts, out, batch_size, 3, options)))
 
 
 @click.command()
@@ -239,7 +208,8 @@ def main(batch_size: int, resolution: int, iterations: int, guidance: float, lor
         runs["lsg_buffers_kept"] = {**runs["lsg"], "keep_grad_buffers": True}
         runs["lsg_lora"] = {**runs["lsg"], "lora_rank": lora_rank}
         job = {"teacher_dir": teacher_dir, "prompts": str(prompts), "batch_size": batch_size}
-        measured = measure_memory(runs, job, tmp, memory_runs)
+        measured = memory_in_turns(__file__, {name: (lambda turn, name=name: {
+            **job, "options": runs[name], "out": str(tmp / f"memory-{name}-{turn}")}) for name in runs}, memory_runs)
     peak = {name: [m["peak_mb"] for m in runs_of] for name, runs_of in measured.items()}
     memory = {name: statistics.median(values) for name, values in peak.items()}
     baseline = statistics.median(m["before_mb"] for runs_of in measured.values() for m in runs_of)

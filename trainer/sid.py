@@ -47,7 +47,7 @@ from trainer.sid_config import SidConfig
 from trainer.stop import StopRequest
 from trainer.student import AdapterView, add_adapters, make_student, save_trained_student
 from trainer.text_cache import TextEmbeddingCache
-from trainer.validation import Validation, kimg_label, sid_sampler
+from trainer.validation import Validation, kimg_label, latent_shape, sid_sampler
 
 FAKE, GENERATOR = 0, 1
 ADAPTERS = ("generator", "fake", "generator_ema")  # a LoRA run's adapters on the teacher's UNet
@@ -315,11 +315,10 @@ class SidLoop:
     @classmethod
     def build(cls, cfg: SidConfig, accelerator, prompts: list[str]) -> "SidLoop":
         nets = build_networks(cfg, accelerator)
-        unet_config = nets.teacher.unet.config
         encoder = CountingEncoder(nets.teacher)
         text_cache = TextEmbeddingCache(encoder, cfg.text_cache_size)
         return cls(cfg, accelerator, nets, PromptSampler(prompts, cfg.seed), encoder, text_cache, text_cache([""]),
-                   (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size),
+                   latent_shape(nets.teacher.unet),
                    cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes)
 
     def iteration(self, state: SidState) -> list[StepResult]:

@@ -143,6 +143,8 @@ class AdapterView(torch.nn.Module):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self._layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
+        # every adapter's weights, found once (views are made after their base's adapters), not per forward
+        self._every_adapter = [p for n, p in base.named_parameters() if "lora_" in n]
 
     @property
     def config(self):
@@ -157,7 +159,7 @@ class AdapterView(torch.nn.Module):
         return self.base.device
 
     def forward(self, *args, **kwargs):
-        with _flags_kept(self.base):
+        with _flags_kept(self._every_adapter):
             for layer in self._layers:
                 if self.name is None:
                     layer.enable_adapters(False)
@@ -168,8 +170,7 @@ class AdapterView(torch.nn.Module):
 
 
 @contextmanager
-def _flags_kept(module: torch.nn.Module) -> Iterator[None]:
-    parameters = [p for n, p in module.named_parameters() if "lora_" in n]
+def _flags_kept(parameters: list[torch.nn.Parameter]) -> Iterator[None]:
     flags = [p.requires_grad for p in parameters]
     try:
         yield
