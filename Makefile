@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo demo-wloss test bench clean
+.PHONY: demo demo-wloss demo-lora test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ demo: $(STAMP)
 
 demo-wloss: $(STAMP)
 	$(BIN)/python -m demo --out $(DEMO_DIR) --compare-w-loss
+
+demo-lora: $(STAMP)
+	$(BIN)/python -m demo --out $(DEMO_DIR) --lora
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

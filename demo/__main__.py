@@ -189,7 +189,7 @@ def few_step_models(root: Path, s: DemoSettings) -> dict[str, tuple[str, int]]:
     return models
 
 
-def evaluate(root: Path, world, s: DemoSettings, compare_w_loss: bool = False) -> None:
+def evaluate(root: Path, world, s: DemoSettings, compare_w_loss: bool = False, lora: bool = False) -> None:
     """Renders afresh each run (the students may have changed); the reference features stay cached."""
     for folder in (root / "eval").glob("*"):
         if folder.is_dir() and folder.name != "cache":
@@ -197,15 +197,16 @@ def evaluate(root: Path, world, s: DemoSettings, compare_w_loss: bool = False) -
     scoring = ["--coco", world.coco, "--evaluator", "digits", "--digits-classifier", world.classifier,
                "--num-images", s.eval_images, "--batch-size", 64, "--cache-dir", root / "eval" / "cache"]
     common = [*scoring, "--num-inference-steps", s.sample_steps]
-    students = [root / "student-cfg", root / "student-cfg-lora", f"{root / 'student-w'}@cfg={s.alpha}",
-                root / "student-sid", root / "student-sid-lora"]
+    students = [root / "student-cfg", f"{root / 'student-w'}@cfg={s.alpha}", root / "student-sid"]
+    if lora:
+        students += [root / "student-cfg-lora", root / "student-sid-lora"]
     _run("evaluation", evaluation_main, [
         "sweep", "--teacher", world.teacher, "--scales", ",".join(map(str, s.sweep_scales)),
         *[arg for student in students for arg in ("--model", student)], "--out", root / "eval" / "sweep", *common])
     for name, model in s.blue_models(world.teacher, root).items():
         _run("evaluation", evaluation_main, ["coco30k", "--model", model, "--metrics", "blue,clip",
                                              "--out", root / "eval" / name, *common])
-    for name, (_, model, _) in s.lora_module_models(world.teacher, root).items():
+    for name, (_, model, _) in (s.lora_module_models(world.teacher, root) if lora else {}).items():
         _run("evaluation", evaluation_main, ["coco30k", "--model", model, "--metrics", "fid,clip,red",
                                              "--out", root / "eval" / "lora-module" / name, *common])
     for name, (model, steps) in few_step_models(root, s).items():
@@ -219,8 +220,8 @@ def evaluate(root: Path, world, s: DemoSettings, compare_w_loss: bool = False) -
     teacher = world.teacher
     _run("evaluation", evaluation_main, [
         "speed", "--model", f"{teacher}@cfg=1", "--model", f"{teacher}@cfg={s.alpha}",
-        "--model", f"{teacher}@blue={s.gamma}", "--model", root / "student-cfg", "--model", root / "student-cfg-lora",
-        "--model", root / "student-blue",
+        "--model", f"{teacher}@blue={s.gamma}", "--model", root / "student-cfg",
+        *(["--model", root / "student-cfg-lora"] if lora else []), "--model", root / "student-blue",
         "--model", f"{root / 'student-w'}@cfg={s.alpha}", "--model", root / "student-sid",
         "--model", few_step_models(root, s)[f"progressive-{s.few_steps[-1]}"][0],
         "--out", root / "eval" / "speed",
@@ -233,18 +234,22 @@ def evaluate(root: Path, world, s: DemoSettings, compare_w_loss: bool = False) -
 @click.option("--compare-w-loss", is_flag=True,
               help="Also train the w-student and its progressive rounds on the unweighted eps loss, and report "
                    "both losses side by side (about 8 more minutes; `make demo-wloss`).")
-def main(out: str, fast: bool, compare_w_loss: bool) -> None:
+@click.option("--lora", is_flag=True,
+              help="Also train the cfg-distill and sid-lsg students as LoRA adapters, fine-tune the teacher into a "
+                   "red-ink variant and fold the cfg LoRA into it, and report both LoRA tables (about 17 more "
+                   "minutes; `make demo-lora`).")
+def main(out: str, fast: bool, compare_w_loss: bool, lora: bool) -> None:
     settings = FAST if fast else FULL
     root = Path(out)
     start = time.perf_counter()
     world = build_world(root / "world", settings.world, log=click.echo)
     _timed(build_shards, root, world, settings)
     _timed(check_inputs, root, world)
-    for stage in (fit_students, fit_one_step, fit_few_step, fit_lora_students, lora_on_variant,
+    for stage in (fit_students, fit_one_step, fit_few_step, *([fit_lora_students, lora_on_variant] if lora else []),
                   *([fit_w_loss_arm] if compare_w_loss else [])):
         _timed(stage, root, world, settings)
-    _timed(evaluate, root, world, settings, compare_w_loss)
-    report = write_report(root, world, settings, time.perf_counter() - start, compare_w_loss)
+    _timed(evaluate, root, world, settings, compare_w_loss, lora)
+    report = write_report(root, world, settings, time.perf_counter() - start, compare_w_loss, lora)
     click.echo(f"report: {report.resolve()}")
 
 

@@ -186,7 +186,8 @@ def time_ratio(timing: dict, field: str) -> str | None:
     return f"{timing[field]:.3f}{spread}"
 
 
-def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bool = False) -> Path:
+def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bool = False,
+                 lora: bool = False) -> Path:
     evals = root / "eval"
     info = _json(world.root / "world.json")
     sweep = list(csv.DictReader(open(evals / "sweep" / "sweep.csv")))
@@ -195,7 +196,7 @@ def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bo
     blue = {name: _json(evals / name / "metrics.json") for name in settings.blue_models(world.teacher, root)}
     by_label = {r["label"]: r for r in sweep}
     teacher_1, teacher_a = by_label["teacher no guidance"], by_label[f"teacher cfg {alpha:g}"]
-    student, lora_student = by_label["student-cfg (cfg-distill)"], by_label["student-cfg-lora (cfg-distill)"]
+    student = by_label["student-cfg (cfg-distill)"]
     w_student = next(r for r in sweep if r["kind"] == "w-distill")
     one_step = by_label["student-sid (sid-lsg)"]
     sid = _json(root / "student-sid" / "distillation.json")
@@ -207,6 +208,12 @@ def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bo
         return [name, steps, float(row["clip_score"]), float(row["fid"]), passes, timing.get("seconds_per_image"),
                 timing.get("peak_memory_mb"), time_ratio(timing, "time_over_cfg_teacher")]
 
+    table5 = [table5_row("teacher, no guidance", teacher_1), table5_row("student-cfg (distilled, no guidance)", student)]
+    if lora:
+        table5.append(table5_row(f"student-cfg-lora (LoRA rank {settings.lora_rank}, merged; no guidance)",
+                                 by_label["student-cfg-lora (cfg-distill)"]))
+    table5 += [table5_row(f"teacher, CFG {alpha:g}", teacher_a), table5_row(f"student-w at w = {alpha:g}", w_student),
+               table5_row(f"student-sid, one step (SiD-LSG, kappa {settings.sid_kappa:g})", one_step)]
     lines = [
         "# The digits world: guidance distillation end to end", "",
         f"Whole demo: {seconds / 60:.1f} min on this machine (world reused when cached).", "",
@@ -222,11 +229,7 @@ def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bo
         f"{settings.eval_images} evaluation captions)", "",
         *markdown_table(["model", "steps", "digit-CLIP (higher is better)", "digit-FID (lower is better)",
                          "UNet passes per image", "s per image", "peak MiB", "time per image / CFG teacher"],
-                [table5_row("teacher, no guidance", teacher_1), table5_row("student-cfg (distilled, no guidance)", student),
-                 table5_row(f"student-cfg-lora (LoRA rank {settings.lora_rank}, merged; no guidance)", lora_student),
-                 table5_row(f"teacher, CFG {alpha:g}", teacher_a),
-                 table5_row(f"student-w at w = {alpha:g}", w_student),
-                 table5_row(f"student-sid, one step (SiD-LSG, kappa {settings.sid_kappa:g})", one_step)]), "",
+                table5), "",
         "Time per image is per batch of the speed run, divided by the batch; the one-step generator runs one "
         "UNet pass and one VAE decode per image. The models take turns batch by batch in rotating order "
         "(`evaluation speed`), so a load on the machine hits all alike; the ratio is of median times, with "
@@ -240,8 +243,7 @@ def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bo
         *[f"![{p.stem}](student-sid/samples/{p.name})" for p in sorted((root / "student-sid" / "samples").glob("*.png"))],
         "",
         *few_step_section(root, settings),
-        *lora_section(root, settings, by_label),
-        *lora_module_section(root, world.teacher, settings),
+        *(lora_section(root, settings, by_label) + lora_module_section(root, world.teacher, settings) if lora else []),
         *inputs_section(root),
         *(w_loss_section(root, settings) if compare_w_loss else []),
         "## The teacher across CFG scales, and the students", "", "![sweep](eval/sweep/sweep.png)", "",
@@ -262,7 +264,7 @@ def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bo
     rows += [(name, evals / name) for name in blue]
     rows += [(f"progressive, {n} step{'s' * (n > 1)}", evals / "few-step" / f"progressive-{n}") for n in settings.few_steps]
     rows += [(settings.lora_module_models(world.teacher, root)[name][0], evals / "lora-module" / name)
-             for name in ("variant-cond", "variant-cfg", "variant-lora")]
+             for name in ("variant-cond", "variant-cfg", "variant-lora") if lora]
     labelled_grid(rows, root / "grids.png")
     report = root / "report.md"
     report.write_text("\n".join(lines) + "\n")

@@ -19,7 +19,7 @@ def fast_demo(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     with pytest.raises(SystemExit) as done:
-        main(["--out", str(out), "--fast", "--compare-w-loss"])
+        main(["--out", str(out), "--fast", "--compare-w-loss", "--lora"])
     assert done.value.code in (0, None)
     return out
 
@@ -111,6 +111,23 @@ def test_lora_students_and_the_acceleration_module(fast_demo):
     rows = [line for line in module.splitlines() if line.startswith(("| red-ink", "| base teacher"))]
     assert len(rows) == 5 and all(line.count("|") == 6 and "|  |" not in line for line in rows)
     assert [line.rsplit("|", 2)[1].strip() for line in rows] == ["1", "2", "1", "2", "1"]  # UNet passes per step
+
+
+def test_report_without_the_lora_stages(fast_demo, tmp_path):
+    """`make demo` without --lora: the report leaves out the LoRA rows, sections and grid rows, nothing else."""
+    import shutil
+
+    from demo.report import write_report
+    from demo.settings import FAST
+    from digits.world import build_world
+
+    root = tmp_path / "demo"
+    shutil.copytree(fast_demo, root, ignore=shutil.ignore_patterns("student-*-lora*", "variant-red", "lora-module"))
+    world = build_world(root / "world", FAST.world, log=lambda _: None)
+    report = write_report(root, world, FAST, 60.0).read_text()
+    assert "## Table 5 of the seed" in report and "## Bad inputs" in report
+    assert "LoRA" not in report and "w-distill's loss" not in report
+    assert np.asarray(Image.open(root / "grids.png")).shape[0] == 64 * 12  # 15 rows less the three red-ink ones
 
 
 def test_captions_name_their_digit_and_images_are_coloured():
