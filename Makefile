@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/optim.py
 	$(BIN)/python benchmarks/progressive.py
 	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/memory_plan.py
 
 clean:
 	rm -rf $(VENV) runs

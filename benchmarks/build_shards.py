@@ -22,7 +22,6 @@ import click
 import torch
 
 from diffusion.teacher import load_teacher
-from diffusion.tiny import CPU_SIZES, write_tiny_teacher
 from evaluation.timing import Turns, ratio
 from pipeline.build import BuildConfig, run_build
 from pipeline.synthetic import write_img2dataset_source
@@ -30,7 +29,7 @@ from shards.format import Record
 from shards.manifest import read_dataset_info
 from shards.writer import ShardWriter
 
-from figures import blocks_option, emit, json_option  # benchmarks/figures.py: the scripts run from benchmarks/
+from figures import blocks_option, emit, family_option, json_option, write_cpu_teacher  # benchmarks/figures.py: the scripts run from benchmarks/
 
 TARGETS = {"loop_over_bare": ">= 0.95"}
 
@@ -75,12 +74,13 @@ def sd_bytes_ratio(tmp: Path, samples: int = 64) -> float:
 @click.option("--samples", default=384, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--resolution", default=128, show_default=True)
+@family_option()
 @blocks_option()
 @json_option()
-def main(samples: int, batch_size: int, resolution: int, blocks: int, json_out: str | None) -> None:
+def main(samples: int, batch_size: int, resolution: int, family: str, blocks: int, json_out: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        teacher_dir = write_tiny_teacher(tmp / "teacher", resolution=resolution, **CPU_SIZES)
+        teacher_dir = write_cpu_teacher(tmp / "teacher", resolution, family)
         source = write_img2dataset_source(tmp / "source", samples=samples, per_tar=samples, size=resolution + 32)
         teacher = load_teacher(teacher_dir)
         turns = Turns({"bare": bare_teacher_batch(teacher, batch_size, resolution, encode_text=False),
@@ -93,7 +93,7 @@ def main(samples: int, batch_size: int, resolution: int, blocks: int, json_out: 
         end_to_end = info["samples"] / (time.perf_counter() - start - interleaved)
         bare_rate = batch_size * len(turns.seconds["bare"]) / sum(turns.seconds["bare"])
         figures = {
-            "samples": samples, "batch_size": batch_size, "resolution": resolution,
+            "family": family, "samples": samples, "batch_size": batch_size, "resolution": resolution,
             "latent_shape": info["latent_shape"], "threads": torch.get_num_threads(),
             "loop_over_bare": ratio(turns.seconds["bare"], turns.seconds["loop"], blocks),
             "loop_over_bare_with_text": ratio(turns.seconds["bare_with_text"], turns.seconds["loop"], blocks),

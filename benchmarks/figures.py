@@ -77,13 +77,33 @@ def json_option():
                         help="Also write the figures as JSON.")
 
 
-def build_shard_world(folder: Path, samples: int, resolution: int, store_clean: bool = False) -> tuple[Path, Path]:
-    """A CPU-sized SD-like teacher and cfg shards of a synthetic img2dataset source: (teacher, shards)."""
-    from diffusion.tiny import CPU_SIZES, write_tiny_teacher
+FAMILIES = ("sd", "sdxl")
+
+
+def family_option():
+    import click
+
+    return click.option("--family", type=click.Choice(FAMILIES), default="sd", show_default=True,
+                        help="The teacher's layout: SD's StableDiffusionPipeline, or SDXL's (two text encoders, "
+                             "micro-conditioning), at the same UNet widths.")
+
+
+def write_cpu_teacher(folder: Path, resolution: int, family: str = "sd", channels: tuple[int, ...] | None = None) -> Path:
+    """A CPU-sized teacher of the family's layout (diffusion.tiny's CPU_SIZES / CPU_SDXL_SIZES), its UNet widths
+    `channels` when given."""
+    from diffusion.tiny import CPU_SDXL_SIZES, CPU_SIZES, write_tiny_sdxl_teacher, write_tiny_teacher
+
+    write, sizes = (write_tiny_teacher, CPU_SIZES) if family == "sd" else (write_tiny_sdxl_teacher, CPU_SDXL_SIZES)
+    return write(folder, resolution=resolution, **{**sizes, **({"channels": channels} if channels else {})})
+
+
+def build_shard_world(folder: Path, samples: int, resolution: int, store_clean: bool = False, family: str = "sd",
+                      channels: tuple[int, ...] | None = None) -> tuple[Path, Path]:
+    """A CPU-sized teacher of the family and cfg shards of a synthetic img2dataset source: (teacher, shards)."""
     from pipeline.build import BuildConfig, run_build
     from pipeline.synthetic import write_img2dataset_source
 
-    teacher_dir = write_tiny_teacher(folder / "teacher", resolution=resolution, **CPU_SIZES)
+    teacher_dir = write_cpu_teacher(folder / "teacher", resolution, family, channels)
     source = write_img2dataset_source(folder / "source", samples=samples, per_tar=64, size=resolution + 32)
     run_build(BuildConfig(teacher=str(teacher_dir), source=str(source), out=str(folder / "shards"),
                           resolution=resolution, batch_size=16, shard_size=64, store_clean=store_clean))

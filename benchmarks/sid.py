@@ -91,19 +91,20 @@ def floor_iteration(teacher_dir: str, batch_size: int, kappa: float):
     z, noise = (torch.randn(batch_size, channels, side, side) for _ in range(2))
     t_init, t = torch.full((batch_size,), 625), torch.randint(20, 980, (batch_size,))
     text = teacher.encode_text(["a photo of a cat"] * batch_size)
-    both = torch.cat([text, teacher.encode_text([""]).expand(batch_size, -1, -1)])
+    both = text.paired_with(teacher.encode_text([""]))  # 2B rows: cond, then uncond
+    cond_kwargs, both_kwargs = text.unet_kwargs(generator.dtype), both.unet_kwargs(generator.dtype)
 
     def guided(net, x):
-        cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=both).sample.chunk(2)
+        cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), **both_kwargs).sample.chunk(2)
         return uncond + kappa * (cond - uncond)
 
     def iteration() -> None:
         with torch.no_grad():
-            x_g = generator(z, t_init, encoder_hidden_states=text).sample
+            x_g = generator(z, t_init, **cond_kwargs).sample
         (guided(fake, x_g + noise) - noise).pow(2).sum().backward()
         optimizers[0].step()
         clear_gradients(optimizers[0], False)
-        x_g = generator(z, t_init, encoder_hidden_states=text).sample
+        x_g = generator(z, t_init, **cond_kwargs).sample
         y_real = guided(real, x_g + noise)  # frozen weights; the gradient reaches x_g through it, as in the seed
         fake.requires_grad_(False)
         ((guided(fake, x_g + noise) - y_real) * x_g).sum().backward()

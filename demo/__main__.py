@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from demo.report import write_report
+from demo.sdxl import sdxl_teacher, write_check
 from demo.settings import FAST, FULL, DemoSettings
 from digits.data import prompt_list
 from digits.variant import train_variant
@@ -159,6 +160,24 @@ def fit_few_step(root: Path, world, s: DemoSettings) -> None:
     use_grid_scheduler(baseline)
 
 
+def sdxl_chain(root: Path, world, s: DemoSettings) -> None:
+    """The same commands on an SDXL-layout teacher (tiny, random weights: the chain, not quality), then the
+    checks the report shows (demo/sdxl.py)."""
+    teacher, shards, student = sdxl_teacher(root), root / "sdxl" / "shards", root / "sdxl" / "student-cfg"
+    _run("pipeline", pipeline_main, ["build-shards", "--teacher", teacher, "--source", world.source, "--resolution",
+                                     32, "--batch-size", 64, "--shard-size", 500, "--samples", s.sdxl_samples,
+                                     "--out", shards])
+    _run("trainer", trainer_main, [
+        "fit", "--method", "cfg-distill", "--teacher", teacher, "--shards", shards, "--out", student,
+        "--guidance-scale", s.alpha, "--max-steps", s.sdxl_fit_steps, "--batch-size", 16, "--lr", 3e-4,
+        "--lr-warmup-steps", 0, "--ema-decay", 0, "--checkpoint-every", s.sdxl_fit_steps, "--resume", "latest",
+        "--report-to", "none"])
+    check = write_check(root, teacher, shards, student)
+    click.echo(f"sdxl: {check['samples']} records, recompute error {check['recompute_max_abs_error']:.1e}, "
+               f"loss {check['loss_first']:.4f} -> {check['loss_last']:.4f}, "
+               f"UNet batches {check['unet_batches_4_steps']}")
+
+
 def fit_w_loss_arm(root: Path, world, s: DemoSettings) -> None:
     """--compare-w-loss: the same w-student and progressive rounds, trained on the earlier unweighted eps loss."""
     _fit_student(root, world, s, "w-eps", [*_w_distill(root, s), "--w-loss", "eps"])
@@ -245,8 +264,8 @@ def main(out: str, fast: bool, compare_w_loss: bool, lora: bool) -> None:
     world = build_world(root / "world", settings.world, log=click.echo)
     _timed(build_shards, root, world, settings)
     _timed(check_inputs, root, world)
-    for stage in (fit_students, fit_one_step, fit_few_step, *([fit_lora_students, lora_on_variant] if lora else []),
-                  *([fit_w_loss_arm] if compare_w_loss else [])):
+    optional = [*([fit_lora_students, lora_on_variant] if lora else []), *([fit_w_loss_arm] if compare_w_loss else [])]
+    for stage in (fit_students, fit_one_step, fit_few_step, sdxl_chain, *optional):
         _timed(stage, root, world, settings)
     _timed(evaluate, root, world, settings, compare_w_loss, lora)
     report = write_report(root, world, settings, time.perf_counter() - start, compare_w_loss, lora)

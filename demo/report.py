@@ -120,6 +120,29 @@ def inputs_section(root: Path) -> list[str]:
     ]
 
 
+def sdxl_section(root: Path) -> list[str]:
+    """The SDXL-layout chain (demo/sdxl.py): records, recompute, training loss, stock pipeline passes."""
+    check = _json(root / "sdxl-check.json")
+    micro = "; ".join(str(m) for m in check["micro"][:3])
+    return [
+        "## SDXL teachers: the same commands", "",
+        "`pipeline build-shards` -> `trainer fit --method cfg-distill` -> `StableDiffusionXLPipeline`, on an "
+        "SDXL-layout teacher: two CLIP text encoders (the second's projection is the pooled embedding), a UNet with "
+        "SDXL's micro-conditioning. There is no trained SDXL digits teacher, so this one is tiny with random weights: "
+        "the row proves the chain, not quality (`demo/sdxl.py`).", "",
+        *markdown_table(["check", "result"], [
+            ["records (schema version)", f"{check['samples']} ({check['schema_version']})"],
+            ["micro-conditioning recorded [orig h, w, crop top, left, target h, w]", micro],
+            [f"a fresh teacher pass on {check['checked_records']} records: max abs error of the stored eps",
+             f"{check['recompute_max_abs_error']:.1e} (float16 storage)"],
+            [f"cfg-distill loss, first -> last tenth of {check['fit_steps']} steps",
+             f"{check['loss_first']:.4f} -> {check['loss_last']:.4f}"],
+            [f"{check['pipeline']}: UNet batch per call, 4 steps", str(check["unet_batches_4_steps"])],
+            ["image", " x ".join(map(str, check["image_shape"][1:]))],
+        ]), "",
+    ]
+
+
 def _mb(path: Path) -> float:
     return path.stat().st_size / 2**20
 
@@ -245,6 +268,7 @@ def write_report(root: Path, world, settings, seconds: float, compare_w_loss: bo
         *few_step_section(root, settings),
         *(lora_section(root, settings, by_label) + lora_module_section(root, world.teacher, settings) if lora else []),
         *inputs_section(root),
+        *sdxl_section(root),
         *(w_loss_section(root, settings) if compare_w_loss else []),
         "## The teacher across CFG scales, and the students", "", "![sweep](eval/sweep/sweep.png)", "",
         *markdown_table(["point", "digit-CLIP", "digit-FID"], [[r["label"], float(r["clip_score"]), float(r["fid"])] for r in sweep]),

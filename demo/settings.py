@@ -34,6 +34,8 @@ class DemoSettings:
     w_loss_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)  # --compare-w-loss: the w-students at these scales
     lora_rank: int = 8  # the LoRA students (cfg-distill, sid-lsg): otherwise the full students' settings
     variant: VariantRecipe = field(default_factory=VariantRecipe)  # the red-ink fine-tune the cfg LoRA is applied to
+    sdxl_samples: int = 256  # the SDXL-layout chain (demo/sdxl.py): records, and cfg-distill steps on them
+    sdxl_fit_steps: int = 60
     eval_images: int = 300
     sample_steps: int = 25
     sweep_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -62,5 +64,6 @@ FULL = DemoSettings()
 FAST = DemoSettings(world=FAST_WORLD, shard_samples=64, fit_steps=4, fit_batch=8, sid_kimg=0.016, sid_batch=8,
                     sid_ema_kimg=0.008, progressive_start_steps=4, progressive_iters=2, few_steps=(1, 2),
                     stochastic_steps=(2,), w_loss_scales=(1.0, 3.0),
-                    variant=VariantRecipe(steps=2, batch_size=8, colourings=1), eval_images=16, sample_steps=3,
+                    variant=VariantRecipe(steps=2, batch_size=8, colourings=1), sdxl_samples=16, sdxl_fit_steps=2,
+                    eval_images=16, sample_steps=3,
                     sweep_scales=(1.0, 3.0), speed_batch=2, speed_repeats=1)

@@ -11,6 +11,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffusion.classifier_guidance import GuidanceLoss, eps_and_grad
+from diffusion.conditioning import Conditioning
 from diffusion.guidance import DEFAULT_COEFFICIENT, classifier_guided_eps, guidance_coefficient
 from diffusion.schedule import NoiseSchedule
 from diffusion.teacher import Teacher
@@ -35,9 +36,10 @@ def classifier_guided_ddim(
 ) -> torch.Tensor:
     """Classifier guidance (Dhariwal & Nichol 2021) at every DDIM step: eps + gamma c_t grad, with grad the
     gradient of the loss on the decoded x0-hat and c_t = sqrt(beta_t) (`coefficient` "sqrt-beta", the seed's
-    Eq. 4) or sigma_t ("sigma"). One UNet pass, a VAE decode and a backward per step."""
+    Eq. 4) or sigma_t ("sigma"). One UNet pass, a VAE decode and a backward per step. The text is encoded for
+    the image side the noise decodes to (SDXL's micro-conditioning, as its pipeline does at that size)."""
     scheduler = ddim_scheduler(teacher.scheduler_config, steps)
-    text = teacher.encode_text(prompts)
+    text = teacher.encode_text(prompts, size=noise.shape[-1] * teacher.vae_scale_factor)
     z = noise.to(teacher.device, torch.float32) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         t_batch = t.repeat(z.shape[0]).to(teacher.device)
@@ -48,7 +50,7 @@ def classifier_guided_ddim(
     return z
 
 
-def sid_one_step(unet, schedule: NoiseSchedule, noise: torch.Tensor, t_init: int, text: torch.Tensor) -> torch.Tensor:
+def sid_one_step(unet, schedule: NoiseSchedule, noise: torch.Tensor, t_init: int, text: Conditioning) -> torch.Tensor:
     """The SiD one-step generator (Zhou et al. 2024, SiD-LSG eq. 2): x_g = f(sigma_init z, t_init, c) read as x0,
     i.e. (z_init - sigma_init eps) / a_init with z_init = sigma_init z = sqrt(1 - alphabar_tinit) z. Float32;
     differentiable in the generator's weights. The same function trains the generator and samples it."""
@@ -98,7 +100,7 @@ def _coefficients(schedule, t: int, like):
     return grid_coefficients(schedule, torch.tensor([t]), like[:1])
 
 
-def grid_ddim(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: torch.Tensor, steps: int,
+def grid_ddim(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: Conditioning, steps: int,
               guidance_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic N-step DDIM on the student's own grid (step_grid), from z = noise at t_0 to the clean end:
     one UNet pass per step; `guidance_scale` (one w per sample) for a w-conditioned student."""
@@ -110,7 +112,7 @@ def grid_ddim(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: torch.Te
     return z
 
 
-def grid_stochastic(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: torch.Tensor, steps: int,
+def grid_stochastic(unet, schedule: NoiseSchedule, noise: torch.Tensor, text: Conditioning, steps: int,
                     generators: list[torch.Generator], guidance_scale: torch.Tensor | None = None,
                     trace=None) -> torch.Tensor:
     """Meng et al.'s N-step stochastic sampler (On Distillation of Guided Diffusion Models, CVPR 2023,

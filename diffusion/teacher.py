@@ -1,7 +1,10 @@
-"""Load a frozen text-to-image teacher in diffusers' StableDiffusionPipeline layout, and wrap it once.
+"""Load a frozen text-to-image teacher in diffusers' StableDiffusionPipeline or StableDiffusionXLPipeline layout,
+and wrap it once.
 
-Every stage talks to the teacher through `Teacher`: text encoding with "" as the unconditional prompt,
-VAE encode/decode in the scaled latent space, and eps predictions (cond and uncond in one batched forward).
+Every stage talks to the teacher through `Teacher`: text encoding into what its UNet takes (a `Conditioning`,
+with "" as the unconditional prompt), VAE encode/decode in the scaled latent space, and eps predictions (cond and
+uncond in one batched forward). What differs between SD 1.x/2.x and SDXL lives here and nowhere else: SDXL's
+second text encoder, its pooled embedding, its micro-conditioning and its zero unconditional embeddings.
 """
 
 from __future__ import annotations
@@ -13,21 +16,26 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import SafetensorError
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from diffusion.conditioning import Conditioning, as_conditioning, square_micro
 from diffusion.errors import UserError, one_line
 from diffusion.files import sha256_file
+from diffusion.resolution import vae_factor
 from diffusion.schedule import NoiseSchedule
 from diffusion.unet import unet_eps
 
-COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
-MODEL_CLASSES = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "unet": UNet2DConditionModel}
+# An SD folder has no text_encoder_2 / tokenizer_2, so its fingerprint is what it was before SDXL.
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "text_encoder_2", "tokenizer_2")
+MODEL_CLASSES = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "unet": UNet2DConditionModel,
+                 "text_encoder_2": CLIPTextModelWithProjection}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_WEIGHT_STEM = {"vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model", "text_encoder": "model"}
+_WEIGHT_STEM = {"vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model"}
 _INDEX = re.compile(r"\.(?:safetensors|bin)\.index(?:\.([^.]+))?\.json$")  # model.safetensors.index[.fp16].json
 _SHARD = re.compile(r"-\d+-of-\d+")  # model.fp16-00001-of-00002.safetensors
 # What from_pretrained raises for a truncated or foreign weight file, a bad config.json or mismatched shapes.
@@ -91,22 +99,34 @@ def component_variant(folder: Path, variant: str | None = None) -> str | None:
     return next(iter(files))
 
 
+def is_sdxl(root: Path) -> bool:
+    """Whether a pipeline folder has SDXL's layout: its model_index.json names a second text encoder."""
+    index = root / "model_index.json"
+    return index.is_file() and bool((_read_json(index).get("text_encoder_2") or [None])[0])
+
+
+def model_components(root: Path) -> tuple[str, ...]:
+    """The weighted components of the folder's layout (SD: vae, text_encoder, unet; SDXL adds text_encoder_2)."""
+    return tuple(c for c in MODEL_CLASSES if c != "text_encoder_2" or is_sdxl(root))
+
+
 def check_teacher_files(root: Path, variant: str | None = None) -> dict[str, str | None]:
-    """Raise one clear line naming the first missing file of the StableDiffusionPipeline layout; return the
-    variant each weighted component loads (see component_variant)."""
-    required = [root / "model_index.json"] + [root / c / "config.json" for c in ("vae", "text_encoder", "unet")]
+    """Raise one clear line naming the first missing file of the StableDiffusionPipeline (or SDXL) layout;
+    return the variant each weighted component loads (see component_variant)."""
+    components = model_components(root)
+    required = [root / "model_index.json"] + [root / c / "config.json" for c in components]
     required.append(root / "scheduler" / "scheduler_config.json")
     for path in required:
         if not path.is_file():
             raise UserError(f"teacher file missing: {path}; {_GET_IT}")
-    variants = {component: component_variant(root / component, variant) for component in MODEL_CLASSES}
-    tok = root / "tokenizer"
-    if not ((tok / "tokenizer.json").is_file() or (tok / "vocab.json").is_file()):
-        raise UserError(f"teacher file missing: {tok / 'tokenizer.json'} (or vocab.json + merges.txt); {_GET_IT}")
+    variants = {component: component_variant(root / component, variant) for component in components}
+    for tok in (root / c for c in ("tokenizer", "tokenizer_2")[: 1 + is_sdxl(root)]):
+        if not ((tok / "tokenizer.json").is_file() or (tok / "vocab.json").is_file()):
+            raise UserError(f"teacher file missing: {tok / 'tokenizer.json'} (or vocab.json + merges.txt); {_GET_IT}")
     return variants
 
 
-def _read_json(path: Path) -> object:
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -135,7 +155,9 @@ def teacher_fingerprint(root: Path, variant: str | None = None) -> str:
 
 @dataclass
 class Teacher:
-    """A frozen teacher. `unet` is the wrapped diffusers model (k-diffusion's `inner_model` habit)."""
+    """A frozen teacher. `unet` is the wrapped diffusers model (k-diffusion's `inner_model` habit). An SDXL teacher
+    also has `text_encoder_2` and `tokenizer_2`; `sample_size` is the pixel side its UNet's config names (the
+    default target size of SDXL's micro-conditioning)."""
 
     unet: UNet2DConditionModel | None  # None when loaded without it (the trainer only needs the text encoder)
     vae: AutoencoderKL | None
@@ -146,9 +168,13 @@ class Teacher:
     fingerprint: str
     root: Path
     variants: dict[str, str | None] = field(default_factory=dict)  # component -> weight variant (None: plain)
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL's config: "" encodes to zeros (hidden and pooled)
+    sample_size: int = 0
 
     def __post_init__(self) -> None:
-        for module in (m for m in (self.unet, self.vae, self.text_encoder) if m is not None):
+        for module in (m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None):
             module.requires_grad_(False)
             module.eval()
 
@@ -162,7 +188,7 @@ class Teacher:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_factor(self.root)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         if resolution % self.vae_scale_factor:
@@ -170,14 +196,28 @@ class Teacher:
         side = resolution // self.vae_scale_factor
         return (self.vae.config.latent_channels, side, side)
 
+    def _token_ids(self, tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
+
     @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        """Last hidden state of the text encoder for captions padded to the tokenizer's max length."""
-        ids = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+    def encode_text(self, captions: list[str], size: int | None = None) -> Conditioning:
+        """What the UNet takes for these captions, padded to the tokenizer's max length, as the teacher's
+        pipeline encodes them. SD: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden
+        states concatenated, the second's projected pooled output, and the time ids of an uncropped square
+        image of `size` pixels [the UNet's own size] (`Conditioning.with_micro` sets a sample's recorded ones);
+        "" (the unconditional prompt) is all zeros when the config says force_zeros_for_empty_prompt."""
+        if self.text_encoder_2 is None:
+            return Conditioning(hidden=self.text_encoder(self._token_ids(self.tokenizer, captions))[0])
+        first = self.text_encoder(self._token_ids(self.tokenizer, captions), output_hidden_states=True)
+        second = self.text_encoder_2(self._token_ids(self.tokenizer_2, captions), output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        pooled = second.text_embeds
+        if self.force_zeros_for_empty_prompt:
+            keep = torch.tensor([c != "" for c in captions], device=hidden.device)
+            hidden, pooled = hidden * keep[:, None, None], pooled * keep[:, None]
+        time_ids = torch.tensor([square_micro(size or self.sample_size)] * len(captions), device=hidden.device)
+        return Conditioning(hidden=hidden, pooled=pooled, time_ids=time_ids.float())
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, vae_noise: torch.Tensor) -> torch.Tensor:
@@ -190,18 +230,18 @@ class Teacher:
         """Images in [-1, 1] from scaled latents (differentiable: used for classifier gradients)."""
         return self.vae.decode(z0.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
 
-    def eps(self, z_t: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor, text: Conditioning | torch.Tensor) -> torch.Tensor:
         """eps prediction (whatever the teacher's prediction type), in float32."""
-        return unet_eps(self.unet, self.schedule, z_t, t, text_embeddings)
+        return unet_eps(self.unet, self.schedule, z_t, t, text)
 
     @torch.no_grad()
     def eps_cond_uncond(
-        self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor
+        self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | torch.Tensor, uncond: Conditioning | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps_cond, eps_uncond) from one batched forward of 2B samples."""
+        """(eps_cond, eps_uncond) from one batched forward of 2B samples (`uncond` one row or one per sample)."""
         batch = z_t.shape[0]
-        uncond = uncond.expand(batch, -1, -1) if uncond.shape[0] == 1 else uncond
-        eps = self.eps(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([cond, uncond]))
+        both = as_conditioning(cond).paired_with(as_conditioning(uncond))
+        eps = self.eps(torch.cat([z_t, z_t]), torch.cat([t, t]), both)
         return eps[:batch], eps[batch:]
 
 
@@ -223,8 +263,8 @@ def _from_pretrained(cls, root: Path, component: str, **kwargs):
 
 
 def load_model(root: Path, component: str, dtype: torch.dtype, variant: str | None) -> torch.nn.Module:
-    """The vae, text_encoder or unet of a StableDiffusionPipeline folder in `dtype`, whatever dtype its files
-    hold, from the given weight variant (None: the plain weights)."""
+    """The vae, text_encoder(_2) or unet of a pipeline folder in `dtype`, whatever dtype its files hold, from the
+    given weight variant (None: the plain weights)."""
     return _from_pretrained(MODEL_CLASSES[component], Path(root), component, torch_dtype=dtype, variant=variant)
 
 
@@ -233,6 +273,15 @@ def load_unet(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     """The UNet of a StableDiffusionPipeline folder, from local files only: `variant`, or what the folder has
     (see component_variant)."""
     return load_model(Path(folder), "unet", dtype, component_variant(Path(folder) / "unet", variant))
+
+
+def decoding_vae(root: Path, vae: AutoencoderKL | None) -> AutoencoderKL | None:
+    """The VAE as the folder's own pipeline decodes with it: StableDiffusionXLPipeline upcasts a float16 VAE whose
+    config says force_upcast (SDXL's overflows in float16), in place; StableDiffusionPipeline decodes in the
+    VAE's dtype, so an SD VAE is returned as it is."""
+    if vae is not None and is_sdxl(root) and vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+        vae = vae.float()
+    return vae
 
 
 def quiet_library_progress() -> None:
@@ -263,6 +312,8 @@ def load_teacher(
     if with_unet_and_vae:
         unet = load_model(root, "unet", torch_dtype, variants["unet"]).to(device)
         vae = load_model(root, "vae", torch_dtype, variants["vae"]).to(device)
+    sdxl = is_sdxl(root)
+    vae = decoding_vae(root, vae)
     return Teacher(
         unet=unet,
         vae=vae,
@@ -273,4 +324,9 @@ def load_teacher(
         fingerprint=teacher_fingerprint(root, variant) if with_fingerprint else "",
         root=root,
         variants=variants,
+        text_encoder_2=load_model(root, "text_encoder_2", torch_dtype, variants["text_encoder_2"]).to(device)
+        if sdxl else None,
+        tokenizer_2=_from_pretrained(CLIPTokenizer, root, "tokenizer_2") if sdxl else None,
+        force_zeros_for_empty_prompt=bool(_read_json(root / "model_index.json").get("force_zeros_for_empty_prompt")),
+        sample_size=_read_json(root / "unet" / "config.json")["sample_size"] * vae_factor(root),
     )

@@ -77,3 +77,60 @@ def write_tiny_teacher(folder: str | Path, resolution: int = 32, seed: int = 0, 
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# The SDXL-layout counterpart of CPU_SIZES: the same UNet widths; two 128-wide text encoders.
+CPU_SDXL_SIZES = dict(channels=CPU_SIZES["channels"], text_dims=(128, 128), projection_dim=128,
+                      vae_channels=CPU_SIZES["vae_channels"])
+
+# SDXL base's scheduler config (the same betas as SD; Euler with leading spacing).
+SDXL_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    steps_offset=1, prediction_type="epsilon", timestep_spacing="leading", interpolation_type="linear",
+    use_karras_sigmas=False,
+)
+
+
+def tiny_sdxl_components(resolution: int = 32, channels: tuple[int, ...] = (32, 64), text_dims=(32, 32),
+                         projection_dim: int = 32, vae_channels=(32, 64), seed: int = 0) -> dict:
+    """Random-weight SDXL-layout parts: the VAE, two CLIP text encoders (the second with a projection, whose
+    output is the pooled embedding) and a UNet with `addition_embed_type="text_time"` whose cross-attention
+    takes both encoders' hidden states concatenated (as diffusers' own SDXL tests build it)."""
+    from transformers import CLIPTextModelWithProjection
+
+    parts = tiny_components(resolution=resolution, channels=channels, text_dim=text_dims[0], vae_channels=vae_channels,
+                            seed=seed)
+    factor = 2 ** (len(vae_channels) - 1)
+    time_dim = 8
+    clip = dict(vocab_size=49408, intermediate_size=2 * text_dims[1], num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=text_dims[1], projection_dim=projection_dim, **clip))
+    parts["unet"] = UNet2DConditionModel(
+        sample_size=resolution // factor, in_channels=4, out_channels=4, block_out_channels=channels,
+        layers_per_block=1, cross_attention_dim=sum(text_dims), attention_head_dim=tuple(c // 16 for c in channels),
+        norm_num_groups=min(32, channels[0]), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + projection_dim, transformer_layers_per_block=1,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(channels) - 1) + ("UpBlock2D",),
+    )
+    return parts
+
+
+def write_tiny_sdxl_teacher(folder: str | Path, resolution: int = 32, seed: int = 0,
+                            force_zeros_for_empty_prompt: bool = True, **sizes) -> Path:
+    """Save a StableDiffusionXLPipeline-layout teacher to `folder` (safetensors weights) and return its path. The
+    second tokenizer pads with "!" as SDXL's does."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    folder = Path(folder)
+    tokenizer_2 = clip_tokenizer()
+    tokenizer_2.pad_token = "!"
+    pipe = StableDiffusionXLPipeline(
+        **tiny_sdxl_components(resolution=resolution, seed=seed, **sizes), tokenizer=clip_tokenizer(),
+        tokenizer_2=tokenizer_2, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -15,6 +15,7 @@ import math
 import torch
 from diffusers import UNet2DConditionModel
 
+from diffusion.conditioning import Conditioning, as_conditioning
 from diffusion.schedule import NoiseSchedule
 
 
@@ -44,10 +45,11 @@ def unet_eps(
     schedule: NoiseSchedule,
     z_t: torch.Tensor,
     t: torch.Tensor,
-    text_embeddings: torch.Tensor,
+    text: Conditioning | torch.Tensor,
     guidance_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """eps(z_t, t, c[, w]) in float32, whatever the UNet's prediction type; differentiable.
+    """eps(z_t, t, c[, w]) in float32, whatever the UNet's prediction type; differentiable. `text` is what the
+    teacher's `encode_text` gives (a bare tensor is SD's hidden states).
 
     `unet` may be wrapped for training (DDP: the wrapper is called, so gradients sync; its `.module` gives the
     config). `guidance_scale` (one per sample) is required by a w-conditioned UNet and refused by any other.
@@ -61,7 +63,7 @@ def unet_eps(
     elif guidance_scale is not None:
         raise ValueError("guidance_scale given to a UNet without a guidance embedding (time_cond_proj_dim)")
     t = t.to(z_t.device)
-    out = unet(z_t.to(inner.dtype), t, encoder_hidden_states=text_embeddings.to(inner.dtype), **kwargs).sample
+    out = unet(z_t.to(inner.dtype), t, **as_conditioning(text).unet_kwargs(inner.dtype), **kwargs).sample
     return schedule.model_output_to_eps(out.float(), z_t.float(), t)
 
 
@@ -87,8 +89,8 @@ def guided_eps(
     schedule: NoiseSchedule,
     z_t: torch.Tensor,
     t: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Conditioning | torch.Tensor,
+    uncond: Conditioning | torch.Tensor,
     kappas: tuple[float, ...],
 ) -> list[torch.Tensor]:
     """eps_uncond + kappa (eps_cond - eps_uncond) for each kappa, float32, differentiable in z_t.
@@ -100,8 +102,8 @@ def guided_eps(
         eps = unet_eps(unet, schedule, z_t, t, cond)
         return [eps for _ in kappas]
     batch = z_t.shape[0]
-    uncond = uncond.expand(batch, -1, -1) if uncond.shape[0] == 1 else uncond
-    eps = unet_eps(unet, schedule, torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([cond, uncond]))
+    both = as_conditioning(cond).paired_with(as_conditioning(uncond))
+    eps = unet_eps(unet, schedule, torch.cat([z_t, z_t]), torch.cat([t, t]), both)
     eps_cond, eps_uncond = eps[:batch], eps[batch:]
     return [eps_uncond + k * (eps_cond - eps_uncond) for k in kappas]
 
@@ -111,8 +113,8 @@ def guided_x0(
     schedule: NoiseSchedule,
     z_t: torch.Tensor,
     t: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Conditioning | torch.Tensor,
+    uncond: Conditioning | torch.Tensor,
     kappas: tuple[float, ...],
 ) -> list[torch.Tensor]:
     """The guided denoiser: x0 = (z_t - sigma_t eps_kappa) / a_t for each kappa (see `guided_eps`)."""

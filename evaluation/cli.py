@@ -19,7 +19,7 @@ TEACHER_VARIANT_HELP = VARIANT_HELP + " Teachers only: a student loads what its 
 def model_options(function):
     """Which model to render, and with what guidance."""
     for decorator in reversed([
-        option("model", "StableDiffusionPipeline folder: a teacher or any student `trainer fit` wrote (or "
+        option("model", "SD or SDXL pipeline folder: a teacher or any student `trainer fit` wrote (or "
                "PATH@cfg=S, PATH@blue=GAMMA; a final @sigma scales classifier guidance by sigma_t instead of "
                "sqrt(beta_t)).", required=True),
         option("guidance_scale", "CFG scale for a teacher [7.5], w for a w- or progressive student, gamma with "

@@ -2,16 +2,21 @@
 
 | model folder | how it is sampled | UNet passes per step |
 |---|---|---|
-| teacher, `--guidance-scale s` | StableDiffusionPipeline with CFG at s (s = 1: no guidance) | 2 (one batch of 2B), 1 at s = 1 |
+| teacher, `--guidance-scale s` | its own pipeline (SD or SDXL) with CFG at s (s = 1: no guidance) | 2 (one batch of 2B), 1 at s = 1 |
 | teacher, `--classifier-guidance clip|blue|M:F` | DDIM with eps + gamma c_t grad (gamma = --guidance-scale; c_t = sqrt(beta_t), or sigma_t with `PATH@NAME=GAMMA@sigma`) | 1 + decode + backward |
-| cfg-distill / classifier-distill student | StableDiffusionPipeline at guidance_scale 1 | 1 |
-| w-distill student, `--guidance-scale w` | StableDiffusionPipeline at guidance_scale w (fed as timestep_cond) | 1 |
+| cfg-distill / classifier-distill student | its teacher's pipeline class at guidance_scale 1 | 1 |
+| w-distill student, `--guidance-scale w` | its teacher's pipeline class at guidance_scale w (fed as timestep_cond) | 1 |
 | sid-lsg one-step generator | x_g = f(sqrt(1 - alphabar[t_init]) z, t_init, c), VAE decode in float32 | 1 per image |
 | progressive student (N steps), `--guidance-scale w` | N-step DDIM on its own grid, or Meng et al.'s stochastic sampler | 1 |
+
+A folder loads in the pipeline class its model_index.json names (StableDiffusionPipeline or
+StableDiffusionXLPipeline; a student's is its teacher's); our own samplers take the teacher wrapper's text
+conditioning, so nothing here asks which family a model is.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,9 +24,9 @@ import torch
 
 from diffusion.errors import UserError, one_line
 from diffusion.guidance import COEFFICIENTS, DEFAULT_COEFFICIENT
-from diffusion.teacher import (DTYPES, LOAD_ERRORS, check_teacher_files, load_model, quiet_library_progress,
-                               resolve_teacher_dir)
-from students.folder import read_distillation
+from diffusion.teacher import (DTYPES, LOAD_ERRORS, check_teacher_files, decoding_vae, load_model,
+                               quiet_library_progress, resolve_teacher_dir)
+from students.folder import pipeline_class, read_distillation
 from students.lora import refuse_unmerged
 
 DEFAULT_TEACHER_SCALE = 7.5
@@ -75,7 +80,7 @@ def describe_model(model: str, guidance_scale: float | None = None, classifier_g
     record = read_distillation(folder)
     refuse_unmerged(folder, record, "--model")
     if not (folder / "model_index.json").is_file():
-        raise UserError(f"{folder} is not a StableDiffusionPipeline folder (no model_index.json)")
+        raise UserError(f"{folder} is not an SD or SDXL pipeline folder (no model_index.json)")
     if coefficient is not None and not (record is None and classifier_guidance):
         raise UserError(f"guidance coefficient {coefficient!r} applies to a teacher with classifier guidance "
                         "(PATH@NAME=GAMMA@sigma)")
@@ -129,19 +134,31 @@ def with_variant(specs: list[ModelSpec], variant: str | None) -> list[ModelSpec]
     return [replace(spec, variant=variant) if spec.kind in TEACHER_KINDS else spec for spec in specs]
 
 
+NO_SAFETY_CHECKER = {"safety_checker": None, "requires_safety_checker": False}
+
+
 def load_pipeline(spec: ModelSpec, dtype: str, device: torch.device):
-    """StableDiffusionPipeline from local files, progress bars off (ours counts images)."""
-    from diffusers import StableDiffusionPipeline
+    """The folder's own pipeline class (model_index.json's `_class_name`: StableDiffusionPipeline or
+    StableDiffusionXLPipeline) from local files, progress bars off (ours counts images). A class that takes a
+    safety checker gets none; the VAE is in the dtype the pipeline decodes with (see decoding_vae)."""
+    import diffusers
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    class_name = pipeline_class(spec.folder)
+    cls = getattr(diffusers, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        raise UserError(f"cannot load {spec.folder}: its model_index.json names {class_name!r}, not a diffusers "
+                        "pipeline")
     quiet_library_progress()
     variants = check_teacher_files(spec.folder, spec.variant)  # each part in `dtype`, whatever its files hold
     parts = {name: load_model(spec.folder, name, DTYPES[dtype], variant) for name, variant in variants.items()}
+    parts["vae"] = decoding_vae(spec.folder, parts["vae"])
+    accepted = inspect.signature(cls.__init__).parameters
+    no_checker = {key: value for key, value in NO_SAFETY_CHECKER.items() if key in accepted}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(spec.folder, **parts, torch_dtype=DTYPES[dtype],
-                                                       local_files_only=True, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = cls.from_pretrained(spec.folder, **parts, torch_dtype=DTYPES[dtype], local_files_only=True,
+                                   **no_checker)
     except LOAD_ERRORS as error:
         raise UserError(f"cannot load {spec.folder}: {one_line(error)}") from None
     pipe.set_progress_bar_config(disable=True)

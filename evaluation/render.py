@@ -70,7 +70,7 @@ class Renderer:
             from diffusion.samplers import sid_one_step
 
             with torch.no_grad():
-                text = self.teacher.encode_text(prompts)
+                text = self.teacher.encode_text(prompts, size=self.resolution)
                 return sid_one_step(self.unet, self.teacher.schedule, noise.to(self.device), self.spec.t_init, text)
         if self.spec.kind == "progressive":
             return self._few_step_latents(prompts, seeds, noise)
@@ -89,7 +89,7 @@ class Renderer:
         """A progressive student on its own grid at w; the stochastic sampler's fresh noise is seeded per image."""
         from diffusion.samplers import grid_ddim, grid_stochastic
 
-        text = self.teacher.encode_text(prompts)
+        text = self.teacher.encode_text(prompts, size=self.resolution)
         w = torch.full((len(prompts),), float(self.spec.guidance_scale), device=self.device)
         noise = noise.to(self.device)
         if self.spec.sampler == "stochastic":

@@ -36,7 +36,8 @@ MEMORY_REPEATS = 1  # runs after the warm-up in a memory process: its times are 
 TURN_SECONDS = "seconds_per_batch_by_turn"  # a model's seconds per batch in each timed turn, in turn order
 
 
-def _rss(field: str) -> int | None:
+def rss(field: str) -> int | None:
+    """A memory field of /proc/self/status in bytes (VmRSS now, VmHWM the peak), None where unreadable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -46,7 +47,8 @@ def _rss(field: str) -> int | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
+    """Linux: the peak RSS (VmHWM) restarts from the current RSS; False where that cannot be done."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -61,13 +63,13 @@ class MemoryProbe:
         self.cuda = device.type == "cuda"
 
     def level(self) -> int | None:
-        return torch.cuda.memory_allocated() if self.cuda else _rss("VmRSS")
+        return torch.cuda.memory_allocated() if self.cuda else rss("VmRSS")
 
     def __enter__(self):
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        self.resettable = self.cuda or _reset_peak_rss()
+        self.resettable = self.cuda or reset_peak_rss()
         self.start = self.level()
         return self
 
@@ -76,7 +78,7 @@ class MemoryProbe:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
         else:
-            peak = _rss("VmHWM") if self.resettable else None
+            peak = rss("VmHWM") if self.resettable else None
         self.peak_growth = None if peak is None or self.start is None else max(peak - self.start, 0)
 
 

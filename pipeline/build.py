@@ -81,14 +81,14 @@ def _prepared_batches(unit, cfg: BuildConfig, latent_shape, skipped: Counter, co
     for raw in unit.samples():
         read[0] += 1
         try:
-            pixels, caption, mode = prepare(raw, cfg.resolution, cfg.min_size)
+            pixels, caption, mode, micro = prepare(raw, cfg.resolution, cfg.min_size)
         except Skip as reason:
             skipped[str(reason)] += 1
             continue
         if mode != "RGB":
             converted[mode] += 1
         t, noise, vae_noise = draw(cfg.seed, raw.source_key, latent_shape, cfg.t_min, cfg.t_max)
-        batch.append(Prepared(raw.source_key, unit.name, pixels, caption, t, noise, vae_noise))
+        batch.append(Prepared(raw.source_key, unit.name, pixels, caption, t, noise, vae_noise, micro))
         if len(batch) == cfg.batch_size:
             yield batch
             batch = []

@@ -19,7 +19,7 @@ def cli() -> None:
 
 @cli.command("build-shards")
 @config_option
-@click.option("--teacher", required=True, help="StableDiffusionPipeline folder, or a hub id in the local HF cache.")
+@click.option("--teacher", required=True, help="SD (StableDiffusionPipeline) or SDXL (StableDiffusionXLPipeline) folder, or a hub id in the local HF cache.")
 @click.option("--source", required=True, help="img2dataset tars (folder, glob or {a..b} pattern), image folder, or csv/parquet.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output shard folder (resumable).")
 @click.option("--guidance", default="cfg", show_default=True, help="cfg, clip, blue, or MODULE:FUNCTION (a loss to minimise).")

@@ -63,8 +63,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes | None, resolution: int, min_size: int) -> tuple[torch.Tensor, str]:
-    """(3 x R x R float32 in [-1, 1], the source mode) or Skip."""
+def micro_conditioning(width: int, height: int, resolution: int) -> list[int]:
+    """SDXL's micro-conditioning of a source image of width x height made into the R x R sample (ImageOps.fit:
+    the centred square crop, resized): [original height, width, crop top, crop left, R, R], the crop in the
+    image resized so its short side is R, as diffusers' SDXL training script records it."""
+    scale = resolution / min(width, height)
+    resized_height, resized_width = round(height * scale), round(width * scale)
+    top = max(0, round((resized_height - resolution) / 2))
+    left = max(0, round((resized_width - resolution) / 2))
+    return [height, width, top, left, resolution, resolution]
+
+
+def decode_image(data: bytes | None, resolution: int, min_size: int) -> tuple[torch.Tensor, str, list[int]]:
+    """(3 x R x R float32 in [-1, 1], the source mode, its micro-conditioning) or Skip."""
     if not data:
         raise Skip("unreadable_image")
     try:
@@ -81,13 +92,13 @@ def decode_image(data: bytes | None, resolution: int, min_size: int) -> tuple[to
     mode = image.mode
     square = ImageOps.fit(to_rgb(image), (resolution, resolution), method=Image.LANCZOS, centering=(0.5, 0.5))
     pixels = torch.from_numpy(np.asarray(square, dtype=np.float32)).permute(2, 0, 1)
-    return pixels / 127.5 - 1.0, mode
+    return pixels / 127.5 - 1.0, mode, micro_conditioning(*image.size, resolution)
 
 
-def prepare(raw: RawSample, resolution: int, min_size: int) -> tuple[torch.Tensor, str, str]:
-    """(pixels, caption, source image mode) or Skip."""
+def prepare(raw: RawSample, resolution: int, min_size: int) -> tuple[torch.Tensor, str, str, list[int]]:
+    """(pixels, caption, source image mode, micro-conditioning) or Skip."""
     if raw.skip:
         raise Skip(raw.skip)
     caption = decode_caption(raw.caption)
-    pixels, mode = decode_image(raw.image, resolution, min_size)
-    return pixels, caption, mode
+    pixels, mode, micro = decode_image(raw.image, resolution, min_size)
+    return pixels, caption, mode, micro

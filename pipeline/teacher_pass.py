@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from diffusion.classifier_guidance import GuidanceSpec, eps_and_grad
+from diffusion.conditioning import Conditioning
 from diffusion.teacher import Teacher
 from shards.format import Record, record_key
 
@@ -25,6 +26,7 @@ class Prepared:
     t: torch.Tensor  # int64 scalar
     noise: torch.Tensor  # latent shape
     vae_noise: torch.Tensor  # latent shape
+    micro: list[int]  # original size, crop top-left, target size (shards.format)
 
 
 def sample_generator(seed: int, source_key: str) -> torch.Generator:
@@ -44,7 +46,7 @@ def draw(seed: int, source_key: str, latent_shape, t_min: int, t_max: int):
 
 @torch.no_grad()
 def teacher_outputs(
-    teacher: Teacher, guidance: GuidanceSpec, batch: list[Prepared], uncond: torch.Tensor, store_clean: bool
+    teacher: Teacher, guidance: GuidanceSpec, batch: list[Prepared], uncond: Conditioning, store_clean: bool
 ) -> dict[str, torch.Tensor]:
     """The batch's stored tensors, on the teacher's device (on CUDA, still computing when this returns)."""
     device = teacher.device
@@ -54,7 +56,7 @@ def teacher_outputs(
     # The teacher sees the z_t that is stored (float16), so a record is self-consistent.
     z_t = teacher.schedule.add_noise(z0, noise, t).half().float()
     captions = [p.caption for p in batch]
-    cond = teacher.encode_text(captions)
+    cond = teacher.encode_text(captions).with_micro(torch.tensor([p.micro for p in batch]))
     if guidance.kind == "cfg":
         eps_cond, eps_uncond = teacher.eps_cond_uncond(z_t, t, cond, uncond)
         outputs = {"zt": z_t, "eps_cond": eps_cond, "eps_uncond": eps_uncond}
@@ -70,6 +72,6 @@ def to_records(batch: list[Prepared], outputs: dict[str, torch.Tensor]) -> list[
     host = {name: value.to("cpu", torch.float16) for name, value in outputs.items()}
     return [
         Record(record_key(p.source_key), {name: value[i] for name, value in host.items()}, int(p.t), p.caption,
-               {"source_key": p.source_key, "unit": p.unit})
+               {"source_key": p.source_key, "unit": p.unit, "micro": p.micro})
         for i, p in enumerate(batch)
     ]

@@ -1,11 +1,14 @@
-"""The shard record format (schema version 1): one WebDataset sample per noised latent.
+"""The shard record format (schema version 2): one WebDataset sample per noised latent.
 
 Members of a sample with key K (no dots in K):
 - K.safetensors: float16 tensors `zt` (C x h x w, already times the VAE scaling factor) and the guidance
   ingredients, `eps_cond` + `eps_uncond` (kind "cfg") or `eps` + `grad` (kind "classifier"),
   optionally `z0` and `noise` (built with --store-clean).
 - K.txt: the caption, UTF-8.
-- K.json: {"t": int, "caption": str, "source_key": str, ...}.
+- K.json: {"t": int, "caption": str, "source_key": str, "micro": [6 ints], ...}. "micro" (since version 2) is
+  the sample's micro-conditioning: original height and width, crop top and left (in the image resized so its
+  short side is the resolution), target height and width; SDXL's UNet takes it as `add_time_ids`.
+Version 1 is version 2 without "micro"; readers read both.
 No pickle anywhere: safetensors and JSON only.
 """
 
@@ -21,7 +24,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 TENSORS_BY_KIND = {"cfg": ("eps_cond", "eps_uncond"), "classifier": ("eps", "grad")}
 CLEAN_TENSORS = ("z0", "noise")
 STORED_DTYPE = torch.float16
@@ -34,6 +38,12 @@ def record_key(source_key: str) -> str:
     if safe == source_key:
         return safe
     return f"{safe}_{hashlib.sha256(source_key.encode()).hexdigest()[:8]}"
+
+
+def recorded_micro(metas: list[dict[str, Any]]) -> torch.Tensor | None:
+    """The (B, 6) micro-conditioning of a batch of records' JSON, or None when they carry none (version 1)."""
+    micro = [meta.get("micro") for meta in metas]
+    return None if None in micro else torch.tensor(micro)
 
 
 def tensor_names(kind: str, store_clean: bool) -> tuple[str, ...]:

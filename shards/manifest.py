@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from diffusion.errors import UserError, one_line
 from diffusion.guidance import DEFAULT_COEFFICIENT
-from shards.format import SCHEMA_VERSION
+from shards.format import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION
 from shards.writer import ShardInfo, atomic_write_bytes, atomic_write_json
 
 DATASET_JSON = "dataset.json"
@@ -65,8 +65,9 @@ def recorded_coefficient(info: dict[str, Any]) -> str:
 def check_compatible(info: dict[str, Any], *, teacher_fingerprint: str | None = None, kind: str | None = None) -> None:
     """Refuse shards whose schema, kind or teacher differ from what the reader expects, saying what differs."""
     problems = []
-    if info.get("schema_version") != SCHEMA_VERSION:
-        problems.append(f"schema_version {info.get('schema_version')} (this reader reads {SCHEMA_VERSION})")
+    if info.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+        problems.append(f"schema_version {info.get('schema_version')} (this reader reads "
+                        f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
     if kind is not None and info.get("kind") != kind:
         problems.append(f"kind {info.get('kind')!r} (expected {kind!r})")
     if teacher_fingerprint is not None and info.get("teacher", {}).get("fingerprint") != teacher_fingerprint:

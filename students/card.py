@@ -13,7 +13,7 @@ import yaml
 
 from diffusion.errors import UserError
 from shards.writer import atomic_write_bytes
-from students.folder import read_distillation
+from students.folder import pipeline_class, read_distillation
 
 CARD = "README.md"
 PROMPT = "a photo of a corgi"
@@ -177,13 +177,14 @@ def w_line(inference: dict[str, Any]) -> list[str]:
 
 
 def pipeline_code(inference: dict[str, Any], folder: str) -> str:
-    """StableDiffusionPipeline from the folder, called with the recipe's steps and w (progressive students)."""
+    """The folder's pipeline class (pipeline_class) from the folder, called with the recipe's steps and w (a
+    record with no stock code of its own)."""
     arguments = ["prompt"]
     if "steps" in inference:
         arguments.append(f"num_inference_steps={inference['steps']}")
     if inference.get("w_range"):
         arguments.append("guidance_scale=w")
-    return "\n".join([f'pipe = StableDiffusionPipeline.from_pretrained("{folder}")',
+    return "\n".join([f'pipe = {pipeline_class(folder)}.from_pretrained("{folder}")',
                       f"image = pipe({', '.join(arguments)}).images[0]"])
 
 

@@ -1,5 +1,6 @@
-"""Write the student as a StableDiffusionPipeline folder (the teacher's other components, the student's UNet)
-and `distillation.json` beside it, which says what the student is and how to sample it."""
+"""Write the student as a pipeline folder in its teacher's layout (the teacher's model_index.json and other
+components, the student's UNet), which loads in the teacher's own pipeline class, and `distillation.json` beside
+it, which says what the student is and how to sample it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,15 @@ from students.recipes import use_recorded_scheduler
 
 DISTILLATION_JSON = "distillation.json"
 FORMAT_VERSION = 1
+NO_INDEX_PIPELINE = "StableDiffusionPipeline"  # pipeline_class of a path with no model_index.json
+
+
+def pipeline_class(folder: Path | str) -> str:
+    """The diffusers pipeline class a pipeline folder loads in: its model_index.json's `_class_name` (a student
+    folder's is its teacher's, copied). A path with no model_index.json (a record's, not on this machine) reads as
+    StableDiffusionPipeline, the one layout written before SDXL teachers."""
+    index = Path(folder) / "model_index.json"
+    return json.loads(index.read_text())["_class_name"] if index.is_file() else NO_INDEX_PIPELINE
 
 
 def copy_teacher_components(teacher_root: Path, out: Path) -> None:
@@ -32,7 +42,7 @@ def save_student(unet: UNet2DConditionModel, teacher_root: Path, out: Path, reco
     copy_teacher_components(teacher_root, out)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     use_recorded_scheduler(out, record["inference"])
-    load = f'pipe = StableDiffusionPipeline.from_pretrained("{Path(out).resolve()}")'
+    load = f'pipe = {pipeline_class(out)}.from_pretrained("{Path(out).resolve()}")'
     write_record(out, {**record, "inference": with_stock_code(record["inference"], load)})
 
 
@@ -59,15 +69,17 @@ def read_distillation(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def inference_recipe(method: str, guidance_scale: float | None, w_range: tuple[float, float] | None) -> dict:
-    """How to sample the student with StableDiffusionPipeline: one UNet pass per step in every case."""
+def inference_recipe(method: str, guidance_scale: float | None, w_range: tuple[float, float] | None,
+                     pipeline: str = NO_INDEX_PIPELINE) -> dict:
+    """How to sample the student with `pipeline` (its teacher's class: pipeline_class): one UNet pass per step in
+    every case."""
     if method == "w-distill":
         return {
-            "pipeline": "StableDiffusionPipeline",
+            "pipeline": pipeline,
             "guidance_scale": "any w in w_range; the pipeline feeds it to the UNet as timestep_cond",
             "w_range": list(w_range),
             "unet_passes_per_step": 1,
             "call": f"image = pipe(prompt, guidance_scale=w).images[0]  # any w in {list(w_range)}",
         }
-    return {"pipeline": "StableDiffusionPipeline", "guidance_scale": 1.0, "unet_passes_per_step": 1,
+    return {"pipeline": pipeline, "guidance_scale": 1.0, "unet_passes_per_step": 1,
             "distilled_guidance_scale": guidance_scale, "call": "image = pipe(prompt, guidance_scale=1.0).images[0]"}

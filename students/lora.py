@@ -17,7 +17,8 @@ from diffusion.errors import UserError
 from diffusion.resolution import set_trained_resolution
 from diffusion.teacher import load_unet
 from diffusion.unet import add_guidance_embedding
-from students.folder import copy_teacher_components, read_distillation, with_stock_code, write_record
+from students.folder import (copy_teacher_components, pipeline_class, read_distillation, with_stock_code,
+                             write_record)
 from students.recipes import use_recorded_scheduler
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name: load_lora_weights(OUT) finds it
@@ -51,6 +52,7 @@ def save_lora_files(unet: UNet2DConditionModel, out: Path, adapter_name: str, lo
     out.mkdir(parents=True, exist_ok=True)
     state = adapter_state(unet, adapter_name)
     metadata = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": list(lora.targets)}
+    # the file is UNet keys only (`unet.` + peft's names), which every family's pipeline loads the same way
     StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=state, weight_name=LORA_FILE,
                                               unet_lora_adapter_metadata=metadata)
     save_file(kohya_state(state, lora.alpha), str(out / KOHYA_FILE),
@@ -65,18 +67,19 @@ def save_lora_files(unet: UNet2DConditionModel, out: Path, adapter_name: str, lo
 
 
 def lora_loading_code(base: Path, base_variant: str | None, out: Path, embedding_dim: int | None) -> str:
-    """The stock diffusers lines that make `pipe`: the base pipeline (its weight variant) with the adapter loaded
-    (and for w-distill the base UNet built with the embedding's shape and the trained embedding put in it first)."""
+    """The stock diffusers lines that make `pipe`: the base pipeline (its own class: pipeline_class; its weight
+    variant) with the adapter loaded (and for w-distill the base UNet built with the embedding's shape and the
+    trained embedding put in it first)."""
     base, out = Path(base).resolve(), Path(out).resolve()
     variant = f', variant="{base_variant}"' if base_variant else ""
     if embedding_dim is None:
-        make = f'pipe = StableDiffusionPipeline.from_pretrained("{base}"{variant})'
+        make = f'pipe = {pipeline_class(base)}.from_pretrained("{base}"{variant})'
     else:
         make = "\n".join([
             f'unet = UNet2DConditionModel.from_pretrained("{base}", subfolder="unet"{variant}, '
             f"time_cond_proj_dim={embedding_dim}, low_cpu_mem_usage=False)",
             f'unet.load_state_dict(safetensors.torch.load_file("{out / EMBEDDING_FILE}"), strict=False)',
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base}"{variant}, unet=unet)'])
+            f'pipe = {pipeline_class(base)}.from_pretrained("{base}"{variant}, unet=unet)'])
     return f'{make}\npipe.load_lora_weights("{out}")'
 
 
@@ -158,7 +161,7 @@ def write_merged_pipeline(folder: Path, base: Path | None = None, to: Path | Non
     if to != folder:  # DIR is a full student of the other base; the adapter files stay in OUT
         adapter.update(base=str(base.resolve()), base_variant=None, applied_from=str(folder.resolve()), files={})
         inference = {k: v for k, v in record["inference"].items() if k != "diffusers"}
-        load = f'pipe = StableDiffusionPipeline.from_pretrained("{to.resolve()}")'
+        load = f'pipe = {pipeline_class(to)}.from_pretrained("{to.resolve()}")'
         record = {**record, "inference": with_stock_code(inference, load)}
     write_record(to, {**record, "adapter": adapter})
     return to

@@ -35,6 +35,14 @@ def teacher_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny StableDiffusionXLPipeline-layout teacher (two text encoders, micro-conditioning), 32 px."""
+    from diffusion.tiny import write_tiny_sdxl_teacher
+
+    return write_tiny_sdxl_teacher(tmp_path_factory.mktemp("teacher") / "tiny-sdxl", resolution=32)
+
+
+@pytest.fixture(scope="session")
 def teacher(teacher_dir):
     from diffusion.teacher import load_teacher
 

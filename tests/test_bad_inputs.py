@@ -108,7 +108,7 @@ def test_unreadable_table_is_one_line(tmp_path, teacher_dir, capsys):
 
 
 def _decoded_grey(image: Image.Image) -> np.ndarray:
-    pixels, mode = decode_image(_png(image) if image.mode == "I;16" else _tiff(image), 32, 16)
+    pixels, mode, _micro = decode_image(_png(image) if image.mode == "I;16" else _tiff(image), 32, 16)
     assert mode == image.mode
     return ((pixels[0].numpy() + 1.0) * 127.5).astype(np.float64)
 

@@ -57,8 +57,13 @@ def test_report_has_every_section_and_grids(fast_demo):
     report = (fast_demo / "report.md").read_text()
     for heading in ("Table 5 of the seed", "One-step generation", "Fewer steps", "across CFG scales",
                     "Blue-tone guidance", "Time and memory", "Samples", "w-distill's loss", "Bad inputs",
-                    "LoRA students against full ones", "LoRA as an acceleration module"):
+                    "LoRA students against full ones", "LoRA as an acceleration module",
+                    "SDXL teachers: the same commands"):
         assert heading in report
+    sdxl = json.loads((fast_demo / "sdxl-check.json").read_text())
+    assert sdxl["schema_version"] == 2 and sdxl["micro"] == [[32, 32, 0, 0, 32, 32]]  # the world's 32 px images
+    assert sdxl["recompute_max_abs_error"] < 2e-3 and sdxl["pipeline"] == "StableDiffusionXLPipeline"
+    assert sdxl["unet_batches_4_steps"] == [1, 1, 1, 1] and sdxl["image_shape"] == [1, 32, 32, 3]
     check = json.loads((fast_demo / "inputs-check.json").read_text())
     assert set(check["dataset"]["skipped"]) == {
         "unreadable_image", "image_too_small", "image_too_large", "missing_caption", "empty_caption",

@@ -24,7 +24,7 @@ def test_teacher_is_frozen_and_text_encoding_pads_empty_prompt(teacher):
     assert not any(p.requires_grad for p in teacher.unet.parameters())
     assert not teacher.unet.training and not teacher.vae.training
     uncond = teacher.encode_text([""])
-    assert uncond.shape == (1, 77, 32)
+    assert uncond.hidden.shape == (1, 77, 32) and uncond.pooled is None and uncond.time_ids is None
     ids = teacher.tokenizer([""], padding="max_length", max_length=77).input_ids[0]
     assert ids[:3] == [49406, 49407, 49407] and len(ids) == 77
 
@@ -35,7 +35,7 @@ def test_cond_uncond_in_one_batch_equals_two_passes(teacher):
     eps_cond, eps_uncond = teacher.eps_cond_uncond(z_t, t, cond, uncond)
     with torch.no_grad():
         torch.testing.assert_close(eps_cond, teacher.eps(z_t, t, cond), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(eps_uncond, teacher.eps(z_t, t, uncond.expand(2, -1, -1)), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(eps_uncond, teacher.eps(z_t, t, uncond.expand(2)), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(eps_cond, eps_uncond)
 
 
@@ -162,7 +162,7 @@ def test_fp16_weights_on_disk_load_and_run_in_fp32_on_cpu(tmp_path, teacher_dir,
     z0 = teacher.encode_images(torch.zeros(1, 3, 32, 32), torch.zeros(1, 4, 16, 16))
     with torch.no_grad():
         eps = teacher.eps(z0, torch.tensor([500]), text)
-    assert text.dtype == z0.dtype == eps.dtype == torch.float32 and torch.isfinite(eps).all()
+    assert text.hidden.dtype == z0.dtype == eps.dtype == torch.float32 and torch.isfinite(eps).all()
 
 
 def test_variant_asked_for_but_absent_is_one_line(teacher_dir):

@@ -92,7 +92,7 @@ def test_text_cache_encodes_each_caption_once():
 
     cache = TextEmbeddingCache(encode, max_entries=2)
     out = cache(["a", "bb", "a"])
-    assert calls == [["a", "bb"]] and out[:, 0].tolist() == [1.0, 2.0, 1.0]
+    assert calls == [["a", "bb"]] and out.hidden[:, 0].tolist() == [1.0, 2.0, 1.0]
     cache(["bb", "ccc"])  # "a" is the least recently used: evicted
     cache(["a"])
     assert calls[1:] == [["ccc"], ["a"]] and cache.encoded == 4

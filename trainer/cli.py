@@ -13,7 +13,7 @@ from diffusion.cli import config_option, dataclass_option, run_group
 from diffusion.errors import UserError
 from diffusion.guidance import COEFFICIENTS
 from trainer.config import (LR_SCHEDULES, MIXED_PRECISION, SHARD_KIND, W_LOSSES, FitConfig, ProgressiveConfig,
-                            options_of_other_methods)
+                            fsdp_not_supported, options_of_other_methods)
 from trainer.sid_config import SidConfig
 
 option = dataclass_option(FitConfig)
@@ -31,12 +31,12 @@ def cli() -> None:
 @cli.command("fit")
 @config_option
 @option("method", "What to distil.", required=True, type=click.Choice(sorted(CONFIG_CLASS)))
-@option("teacher", "The teacher (the shards' own): StableDiffusionPipeline folder or cached hub id [all but progressive].")
+@option("teacher", "The teacher (the shards' own): an SD or SDXL pipeline folder, or cached hub id [all but progressive].")
 @option("variant", "The teacher's weight variant, e.g. fp16 for *.fp16.safetensors; the shards' teacher must be the "
         "same files [per component: the plain weights, else the only variant there is; all but progressive].")
 @option("shards", "Shard folder from `pipeline build-shards` (cfg kind, or classifier kind for classifier-distill; "
         "progressive: built with --store-clean).")
-@option("out", "Output: a StableDiffusionPipeline folder + distillation.json, with checkpoints/ and logs/.", required=True, type=click.Path(file_okay=False))
+@option("out", "Output: a pipeline folder in the teacher's layout + distillation.json, with checkpoints/ and logs/.", required=True, type=click.Path(file_okay=False))
 @option("guidance_scale", "alpha for cfg-distill [7.5], gamma for classifier-distill [100; 300 for CLIP in the seed].", type=float)
 @option("guidance_coefficient", "classifier-distill: c_t in eps + gamma c_t grad: sqrt-beta (the seed's "
         "sqrt(beta_t)) or sigma (Dhariwal & Nichol's sqrt(1 - alphabar_t)) [the shards' dataset.json; sqrt-beta].",
@@ -62,6 +62,9 @@ def cli() -> None:
 @option("mixed_precision", "Autocast precision; the trained weights stay float32.", type=click.Choice(MIXED_PRECISION))
 @option("gradient_checkpointing", "Recompute UNet activations in the backward pass to save memory.", is_flag=True)
 @option("xformers", "Use xformers attention instead of PyTorch SDPA (needs the xformers extra).", is_flag=True)
+@option("fsdp", "Shard the student's weights, gradients, AdamW state and EMA over the processes (FSDP2; "
+        "torchrun/accelerate launch with 2+ processes; full students of cfg-, classifier-, w-distill; see "
+        "docs/trainer.md). An `accelerate launch` FSDP config does the same without it.", is_flag=True)
 @option("ema_decay", "EMA decay of the student weights, with warm-up (0: no EMA). The exported UNet is the EMA.", type=float)
 @option("checkpoint_every", "Write a checkpoint every N steps (and at the end, and on Ctrl-C/SIGTERM).", type=int)
 @option("checkpoints_total_limit", "Keep the last K checkpoints.", type=int)
@@ -147,7 +150,7 @@ def fit(**options) -> None:
 @click.option("--to", type=click.Path(file_okay=False), help="With --base: the student folder to write.")
 def export(out: str, base: str | None, to: str | None) -> None:
     """Write the merged pipeline of the LoRA student in OUT into OUT: its base's UNet with the adapter folded
-    in (and the base's other components), which evaluation, progressive and any StableDiffusionPipeline load
+    in (and the base's other components), which evaluation, progressive and the stock pipeline load
     like a full student. The adapter files stay beside it. With --base B --to DIR: the adapter folded into
     B's UNet instead, as the student folder DIR (a LoRA student as an acceleration module for a fine-tune)."""
     from students.lora import write_merged_pipeline
@@ -166,6 +169,8 @@ def config_for_method(options: dict) -> FitConfig | SidConfig | ProgressiveConfi
     config_class = CONFIG_CLASS[method]
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
     fields = {f.name: f for f in dataclasses.fields(config_class)}
+    if given.get("fsdp") and "fsdp" not in fields:
+        raise UserError(fsdp_not_supported(method, lora=False))
     if stray := sorted(set(given) - set(fields)) or options_of_other_methods(method, given):
         raise UserError(f"--{stray[0].replace('_', '-')} does not apply to --method {method}")
     for name, f in fields.items():

@@ -30,6 +30,21 @@ def options_of_other_methods(method: str, given) -> list[str]:
     return sorted(k for k in given if method not in METHOD_ONLY_OPTIONS.get(k, (method,)))
 
 
+def fsdp_not_supported(method: str | None, lora: bool, validate_every: int = 0) -> str | None:
+    """Why FSDP (--fsdp, or an accelerate FSDP config) cannot run this configuration yet, or None if it can
+    (trainer.fsdp: full students of the shard-loop methods)."""
+    if method not in SHARD_KIND:
+        return (f"FSDP (--fsdp, or an accelerate FSDP config) is not supported yet with --method {method}: it shards "
+                f"the full students of {', '.join(SHARD_KIND)}")
+    if lora:
+        return ("FSDP (--fsdp, or an accelerate FSDP config) with --lora-rank is not supported yet: it shards full "
+                "students only (a LoRA adapter is small enough for a DDP run)")
+    if validate_every:
+        return ("FSDP (--fsdp, or an accelerate FSDP config) with --validate-every is not supported yet (validation "
+                "samples on the main process alone)")
+    return None
+
+
 def require_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"unknown --{option} {value!r}; expected one of {choices}")
@@ -152,11 +167,14 @@ class FitConfig(ShardLoopConfig):
     w_embedding_dim: int = 256
     w_loss: str | None = None  # w-distill: "x0" (seed 001's max(SNR, 1)-weighted x loss) or "eps" [x0]
     max_steps: int = 1000
+    fsdp: bool = False  # shard the student, its gradients, AdamW state and EMA over the processes (trainer.fsdp)
 
     def __post_init__(self) -> None:
         if self.method not in SHARD_KIND:
             raise UserError(f"unknown --method {self.method!r}; expected one of {sorted(SHARD_KIND)}")
         super().__post_init__()
+        if self.fsdp and (problem := fsdp_not_supported(self.method, self.lora is not None, self.validate_every)):
+            raise UserError(problem)
         if self.guidance_scale is None and self.method in DEFAULT_GUIDANCE_SCALE:
             self.guidance_scale = DEFAULT_GUIDANCE_SCALE[self.method]
         if self.method == "w-distill" and not self.w_min <= self.w_max:

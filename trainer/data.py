@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
+from shards.format import recorded_micro
 from shards.reader import ShardStream
 
 
@@ -36,6 +37,7 @@ def collate(samples: list[dict[str, Any]], tensor_names: tuple[str, ...]) -> dic
     batch["t"] = torch.stack([s["t"] for s in samples])
     batch["caption"] = [s["caption"] for s in samples]
     batch["key"] = [s["key"] for s in samples]
+    batch["micro"] = recorded_micro([s["meta"] for s in samples])
     return batch
 
 

@@ -34,11 +34,13 @@ from shards.format import TENSORS_BY_KIND
 from shards.manifest import MANIFEST, read_dataset_info, recorded_coefficient
 from shards.reader import ShardStream
 from shards.verify import folder_problems
-from students.folder import inference_recipe
+from students.folder import inference_recipe, pipeline_class
 from students.lora import EMBEDDING_WEIGHT
 from trainer.config import FitConfig
 from trainer.data import MicroBatches, position_generator
 from trainer.ema import WarmupEMA
+from trainer.fsdp import (drop_unreduced_gradients, enable_fsdp, fsdp_plugin, gathered_student, is_fsdp,
+                          sharded_parts)
 from trainer.losses import (cfg_distill_loss, classifier_distill_loss, sample_w, w_distill_eps_loss, w_distill_loss,
                             w_distill_target)
 from trainer.optim import clear_gradients, make_adam
@@ -59,10 +61,12 @@ class NonFiniteLoss(UserError):
 
 def make_accelerator(cfg: FitConfig, grad_scaler: bool = True) -> Accelerator:
     """The run's Accelerator; `grad_scaler=False` keeps fp16 autocast but disables accelerate's loss scaler
-    (SiD-LSG: see trainer.sid.build_networks)."""
+    (SiD-LSG: see trainer.sid.build_networks). With --fsdp, or under `accelerate launch` with an FSDP config, it
+    shards the student with FSDP2 (trainer.fsdp; refused for what that does not support yet)."""
     on_cpu = not torch.cuda.is_available()
     if on_cpu and cfg.mixed_precision == "fp16":
         raise UserError("--mixed-precision fp16 needs a GPU; use bf16 (or no) on CPU")
+    plugin = fsdp_plugin(cfg)
     accelerator = Accelerator(
         cpu=on_cpu,
         mixed_precision=cfg.mixed_precision,
@@ -71,7 +75,10 @@ def make_accelerator(cfg: FitConfig, grad_scaler: bool = True) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(split_batches=False),  # --batch-size is per process
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[] if grad_scaler else [GradScalerKwargs(enabled=False)],
+        fsdp_plugin=plugin,
     )
+    if plugin is not None:
+        enable_fsdp(accelerator, plugin)
     check_world_size(accelerator.num_processes)
     return accelerator
 
@@ -209,7 +216,7 @@ def train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, loss_fn,
             continue
         generator = w_generator(cfg.seed, accelerator.process_index, micro_index)
         with accelerator.no_sync(student) if i < accum - 1 else nullcontext():
-            text = text_cache(batch["caption"])
+            text = text_cache(batch["caption"]).with_micro(batch["micro"])
             loss = loss_fn(batch, text, generator)
             finite = bool(torch.isfinite(loss))
             flags = torch.tensor([0.0 if finite else 1.0, float(stop.requested), loss.item() if finite else 0.0],
@@ -223,6 +230,8 @@ def train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, loss_fn,
             total += float(flags[2]) / accelerator.num_processes / accum
     if skip:
         clear_gradients(optimizer, cfg.keep_grad_buffers)
+        if is_fsdp(accelerator):  # and the accumulated micro-batches' gradients FSDP holds back (trainer.fsdp)
+            drop_unreduced_gradients(student)
         return None
     if cfg.max_grad_norm > 0:
         accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
@@ -267,12 +276,15 @@ def _record(cfg: FitConfig, info: dict, run: dict, teacher, state: TrainState, a
             "last_step": recent[-1] if recent else None,
             f"mean_last_{len(recent)}_steps": sum(recent) / len(recent) if recent else None,
         },
-        "inference": inference_recipe(cfg.method, cfg.guidance_scale, (cfg.w_min, cfg.w_max)),
+        "inference": inference_recipe(cfg.method, cfg.guidance_scale, (cfg.w_min, cfg.w_max),
+                                      pipeline_class(teacher.root)),
     }
 
 
 def export_student(cfg, accelerator, student, ema, info, run, teacher, state) -> None:
     unet = accelerator.unwrap_model(student)
+    if is_fsdp(accelerator):  # every rank gathers; the main process gets an unsharded copy with the EMA's weights
+        unet, ema = gathered_student(unet, ema), None
     if accelerator.is_main_process:
         with averaged_weights(ema, trainable_parameters(unet)):
             save_trained_student(unet, cfg.lora, teacher.root, cfg.variant, Path(cfg.out),
@@ -347,13 +359,15 @@ def run_fit(cfg: FitConfig, after_step: AfterStep | None = None) -> dict[str, An
     set_trained_resolution(student, info["resolution"], teacher.root)
     optimizer = make_optimizer(cfg, student, accelerator.device)
     lr_scheduler = make_lr_scheduler(cfg, optimizer, cfg.max_steps)
-    ema = make_ema(cfg, student, accelerator.device)
     student, optimizer = accelerator.prepare(student, optimizer)
+    ema = make_ema(cfg, accelerator.unwrap_model(student), accelerator.device)  # FSDP: of the local shards
 
     run = {"identity": cfg.identity(), "data_layout": cfg.data_layout(accelerator.num_processes),
            "teacher_fingerprint": teacher.fingerprint, "data_sha256": sha256_file(Path(cfg.shards) / MANIFEST)}
     parts = {"unet": checkpoint_part(student, cfg.lora), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
              "ema": ema}
+    if is_fsdp(accelerator):  # the same files, gathered from (and scattered to) the shards
+        parts = sharded_parts(parts, student)
     state = TrainState()
     if (resumed := resume_checkpoint(Path(cfg.out), cfg.resume, run, accelerator, parts)) is not None:
         state = TrainState.from_dict(resumed[1])

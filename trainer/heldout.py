@@ -16,6 +16,7 @@ import torch
 from diffusion.guidance import DEFAULT_COEFFICIENT, cfg_combine, classifier_guided_eps, guidance_coefficient
 from diffusion.teacher import load_unet
 from diffusion.unet import is_w_conditioned, unet_eps
+from shards.format import recorded_micro
 from shards.reader import ShardStream
 from students.folder import read_distillation
 
@@ -26,6 +27,7 @@ def _records(shards: Path, limit: int) -> dict[str, object]:
     batch = {k: torch.stack([item[k] for item in items]).float() for k in items[0] if k not in ("key", "caption", "meta")}
     batch["t"] = batch["t"].long()
     batch["caption"] = [item["caption"] for item in items]
+    batch["micro"] = recorded_micro([item["meta"] for item in items])
     return batch
 
 
@@ -36,7 +38,7 @@ def heldout_errors(student_dir: str | Path, shards: str | Path, teacher, scale: 
     the share of the guidance correction the student has taken on (0 where it started, 1 when it matches)."""
     unet = load_unet(student_dir).eval()
     batch = _records(Path(shards), limit)
-    z_t, t, text = batch["zt"], batch["t"], teacher.encode_text(batch["caption"])
+    z_t, t, text = batch["zt"], batch["t"], teacher.encode_text(batch["caption"]).with_micro(batch["micro"])
     if "eps_cond" in batch:
         baseline, target = batch["eps_cond"], cfg_combine(batch["eps_uncond"], batch["eps_cond"], scale)
     else:
@@ -46,7 +48,7 @@ def heldout_errors(student_dir: str | Path, shards: str | Path, teacher, scale: 
         c_t = guidance_coefficient(teacher.schedule, t, z_t, convention)
         target = classifier_guided_eps(batch["eps"], batch["grad"], c_t, scale)
     w = torch.full((len(t),), float(scale)) if is_w_conditioned(unet) else None
-    eps = unet_eps(unet, teacher.schedule, z_t, t, text.to(unet.dtype), guidance_scale=w)
+    eps = unet_eps(unet, teacher.schedule, z_t, t, text, guidance_scale=w)
     student_error = (eps - target).pow(2).mean().item()
     baseline_error = (baseline - target).pow(2).mean().item()
     correction = target - baseline

@@ -24,7 +24,7 @@ from diffusion.samplers import CLEAN, ddim_step, grid_coefficients, step_grid
 from diffusion.teacher import load_teacher, load_unet, quiet_library_progress
 from diffusion.unet import is_w_conditioned, unet_eps
 from shards.manifest import MANIFEST, read_dataset_info
-from students.folder import read_distillation
+from students.folder import pipeline_class, read_distillation
 from students.lora import load_adapter_weights, refuse_unmerged
 from students.recipes import (SEEDED, TRAILING_DDIM, TRAILING_DPM_SOLVER_1, scheduler_code, scheduler_entry,
                               use_scheduler)
@@ -111,14 +111,17 @@ def grid_scheduler(steps: int, num_train_timesteps: int) -> tuple[type, dict]:
 
 def export_round(cfg, unet, start_record: dict, source: Path, steps: int, w_range, state, global_batch: int,
                  run: dict, schedule) -> Path:
-    """OUT/round-NNsteps/: a StableDiffusionPipeline folder (its scheduler on the round's grid: grid_scheduler)
-    + distillation.json, whose inference recipe holds the stock calls for text, image and inpainting."""
+    """OUT/round-NNsteps/: a pipeline folder in the starting student's layout (its scheduler on the round's grid:
+    grid_scheduler) + distillation.json, whose inference recipe holds the stock calls for text, image and
+    inpainting, in that pipeline class's family (StableDiffusionXLPipeline: StableDiffusionXLImg2ImgPipeline)."""
     folder = round_folder(Path(cfg.out), steps)
     grid = step_grid(steps, schedule.num_timesteps)
     scheduler = grid_scheduler(steps, schedule.num_timesteps)
     on_grid = f"num_inference_steps={steps}, guidance_scale=w"
     strength = f"strength=k / {steps}, {on_grid}"  # the pipelines run the grid's last int(strength * N) = k steps
     recent = list(state.recent_losses)
+    pipeline = pipeline_class(source)
+    family = pipeline.removesuffix("Pipeline")
     record = {
         "method": "progressive", "steps": steps, "timesteps": grid, "teacher_steps": 2 * steps,
         "w_range": list(w_range), "w_convention": W_CONVENTION, "guidance_scale": None,
@@ -131,15 +134,15 @@ def export_round(cfg, unet, start_record: dict, source: Path, steps: int, w_rang
         "final_losses": {f"mean_last_{len(recent)}_steps": sum(recent) / len(recent) if recent else None},
         "inference": {"sampler": "grid-ddim (deterministic) or grid-stochastic (Meng et al.)", "steps": steps,
                       "timesteps": grid, "unet_passes_per_step": 1, "w_range": list(w_range),
-                      "pipeline": f"StableDiffusionPipeline with {scheduler[0].__name__} (trailing; the folder's own),"
+                      "pipeline": f"{pipeline} with {scheduler[0].__name__} (trailing; the folder's own),"
                                   f" num_inference_steps={steps}: the same grid and latents as grid-ddim",
                       "scheduler": scheduler_entry(scheduler),
                       "call": f"{scheduler_code(*scheduler)}\nimage = pipe(prompt, {on_grid}, {SEEDED}).images[0]"
                               f"  # any w in {list(w_range)}",
-                      "img2img": f"img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)\n"
+                      "img2img": f"img2img = {family}Img2ImgPipeline.from_pipe(pipe)\n"
                                  f"image = img2img(prompt, image=init_image, {strength}).images[0]  # k of the "
                                  f"{steps} steps, from t = timesteps[{steps} - k]\n"
-                                 f"inpaint = StableDiffusionInpaintPipeline.from_pipe(pipe)\n"
+                                 f"inpaint = {family}InpaintPipeline.from_pipe(pipe)\n"
                                  f"image = inpaint(prompt, image=init_image, mask_image=mask, {strength}).images[0]"},
     }
     save_trained_student(unet, cfg.lora, source, None, folder, record, cfg.merge)

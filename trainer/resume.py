@@ -47,11 +47,25 @@ class TrainState:
         return cls(values["step"], values["nonfinite_total"], values["nonfinite_in_a_row"], losses)
 
 
+def _collective(part) -> bool:
+    """A part whose state_dict() and load_state_dict() every rank calls (a sharded model's, trainer.fsdp): its
+    state_dict() gathers the full state onto the main process (None elsewhere); `part.weights` says whether it
+    is saved as a module's weights or as a nested state."""
+    return bool(getattr(part, "collective", False))
+
+
 def _write_part(folder: Path, name: str, part, accelerator) -> None:
     if isinstance(part, torch.nn.Module):
         save_weights(folder, name, accelerator.unwrap_model(part).state_dict())
     else:
         save_state(folder, name, part.state_dict())
+
+
+def _write_collective_part(folder: Path, name: str, part, accelerator) -> None:
+    """Every rank gathers; the main process writes the full state in the layout _write_part gives it."""
+    state = part.state_dict()
+    if accelerator.is_main_process:
+        (save_weights if part.weights else save_state)(folder, name, state)
 
 
 def _kept_in_trainer_state(folder: Path, name: str, saved: dict) -> bool:
@@ -63,7 +77,9 @@ def _check_part(folder: Path, name: str, part, accelerator, saved: dict) -> None
     """What _read_part will read, checked without changing anything (DamagedCheckpoint if it cannot be)."""
     if _kept_in_trainer_state(folder, name, saved):
         return
-    if isinstance(part, torch.nn.Module):
+    if _collective(part) and part.weights:
+        check_weights(folder, name, part.shapes())
+    elif isinstance(part, torch.nn.Module):
         shapes = {k: list(v.shape) for k, v in accelerator.unwrap_model(part).state_dict().items()}
         check_weights(folder, name, shapes)
     else:
@@ -73,6 +89,9 @@ def _check_part(folder: Path, name: str, part, accelerator, saved: dict) -> None
 def _read_part(folder: Path, name: str, part, accelerator, saved: dict) -> None:
     if _kept_in_trainer_state(folder, name, saved):
         part.load_state_dict(saved[name])
+        return
+    if _collective(part):  # every rank reads the full state and keeps its shard
+        part.load_state_dict((load_weights if part.weights else load_state)(folder, name))
         return
     if isinstance(part, torch.nn.Module):
         accelerator.unwrap_model(part).load_state_dict(load_weights(folder, name))
@@ -85,8 +104,9 @@ def _read_part(folder: Path, name: str, part, accelerator, saved: dict) -> None:
 def save_checkpoint(out: Path, step: int, run: dict, config: dict, accelerator, parts: dict[str, Any],
                     state: dict[str, Any], keep: int) -> Path:
     """Write `checkpoints/step-NNNNNNNN/`: every rank its RNG state; rank 0 each part (a module's weights, or
-    anything with state_dict(): optimizers, EMA, LR schedule), the grad scaler and `trainer_state` (the loop's
-    counters, the run's identity, the config); then `.tmp` is renamed to the final name."""
+    anything with state_dict(): optimizers, EMA, LR schedule; a collective part's full state, which every rank
+    helps gather), the grad scaler and `trainer_state` (the loop's counters, the run's identity, the config);
+    then `.tmp` is renamed to the final name."""
     final = checkpoint_dir(out, step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -94,10 +114,12 @@ def save_checkpoint(out: Path, step: int, run: dict, config: dict, accelerator, 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_state(tmp, f"rng-rank{accelerator.process_index}", rng_state())
+    for name, part in parts.items():
+        if part is not None and _collective(part):
+            _write_collective_part(tmp, name, part, accelerator)
+        elif part is not None and accelerator.is_main_process:
+            _write_part(tmp, name, part, accelerator)
     if accelerator.is_main_process:
-        for name, part in parts.items():
-            if part is not None:
-                _write_part(tmp, name, part, accelerator)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         save_state(tmp, "trainer_state", {"state": state, "run": run, "config": config, "scaler": scaler})
     accelerator.wait_for_everyone()

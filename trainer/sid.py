@@ -30,10 +30,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from diffusion.conditioning import Conditioning
 from diffusion.errors import UserError
 from diffusion.samplers import sid_one_step
 from diffusion.teacher import load_teacher, load_unet, quiet_library_progress
 from diffusion.unet import guided_eps, guided_x0
+from students.folder import pipeline_class
 from students.recipes import SEEDED, TRAILING_EULER, scheduler_code, scheduler_entry
 from trainer.data import position_generator
 from trainer.ema import HalfLifeEMA
@@ -141,15 +143,16 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class CountingEncoder:
-    """The teacher's text encoder, counting the distinct prompts the tokenizer truncates."""
+    """The teacher's text encoder for images of `size` pixels, counting the distinct prompts the tokenizer
+    truncates."""
 
-    def __init__(self, teacher):
-        self.teacher, self.truncated = teacher, 0
+    def __init__(self, teacher, size: int):
+        self.teacher, self.size, self.truncated = teacher, size, 0
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str]) -> Conditioning:
         lengths = [len(ids) for ids in self.teacher.tokenizer(prompts, verbose=False).input_ids]
         self.truncated += sum(n > self.teacher.tokenizer.model_max_length for n in lengths)
-        return self.teacher.encode_text(prompts)
+        return self.teacher.encode_text(prompts, size=self.size)
 
 
 def draw_micro_batch(cfg: SidConfig, sampler: PromptSampler, phase: int, iteration: int, round_index: int,
@@ -308,17 +311,18 @@ class SidLoop:
     sampler: PromptSampler
     encoder: CountingEncoder
     text_cache: TextEmbeddingCache
-    uncond: torch.Tensor
+    uncond: Conditioning
     latent_shape: tuple[int, ...]
     global_batch: int
 
     @classmethod
     def build(cls, cfg: SidConfig, accelerator, prompts: list[str]) -> "SidLoop":
         nets = build_networks(cfg, accelerator)
-        encoder = CountingEncoder(nets.teacher)
+        shape = latent_shape(nets.teacher.unet)
+        encoder = CountingEncoder(nets.teacher, shape[-1] * nets.teacher.vae_scale_factor)
         text_cache = TextEmbeddingCache(encoder, cfg.text_cache_size)
         return cls(cfg, accelerator, nets, PromptSampler(prompts, cfg.seed), encoder, text_cache, text_cache([""]),
-                   latent_shape(nets.teacher.unet),
+                   shape,
                    cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes)
 
     def iteration(self, state: SidState) -> list[StepResult]:
@@ -377,8 +381,9 @@ def _record(cfg: SidConfig, prompt_list, encoder, nets, state: SidState, global_
         "inference": {"sampler": "sid-one-step", "t_init": cfg.t_init, "unet_passes_per_image": 1,
                       "x_g": "unet(sqrt(1 - alphabar[t_init]) z, t_init, c) read as x0; decode with the VAE in fp32",
                       "command": "evaluation generate --model OUT --prompt TEXT --seed N --out FILE.png",
-                      "pipeline": f"StableDiffusionPipeline with {TRAILING_EULER[0].__name__} (trailing; OUT's own), "
-                                  f"timesteps=[{cfg.t_init}], guidance_scale=1.0: the same x_g and image",
+                      "pipeline": f"{pipeline_class(nets.teacher.root)} with {TRAILING_EULER[0].__name__} "
+                                  f"(trailing; OUT's own), timesteps=[{cfg.t_init}], guidance_scale=1.0: the same "
+                                  "x_g and image",
                       "scheduler": scheduler_entry(TRAILING_EULER),
                       "call": f"{scheduler_code(*TRAILING_EULER)}\nimage = pipe(prompt, timesteps=[{cfg.t_init}], "
                               f"guidance_scale=1.0, {SEEDED}).images[0]"},

@@ -107,7 +107,8 @@ class Validation:
         pixels = []
         for first in range(0, len(self.prompts), GRID_BATCH):
             z = noise[first:first + GRID_BATCH].to(self.teacher.device)
-            x0 = sample(z, self.teacher.encode_text(self.prompts[first:first + GRID_BATCH]))
+            size = self.shape[-1] * self.teacher.vae_scale_factor
+            x0 = sample(z, self.teacher.encode_text(self.prompts[first:first + GRID_BATCH], size=size))
             pixels.append(self.teacher.decode(x0).float().cpu())
         image = grid_image(torch.cat(pixels))
         path = self.out / "samples" / f"{label}.png"
