@@ -90,7 +90,10 @@ class Conditioning:
         """Keyword arguments of `UNet2DConditionModel.forward` beside sample and timestep."""
         kwargs: dict[str, Any] = {"encoder_hidden_states": self.hidden.to(dtype)}
         if self.pooled is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled.to(dtype), "time_ids": self.time_ids.to(dtype)}
+            # Time ids as integers: no autocast or FSDP input cast (bf16 holds integers exactly only up to 256)
+            # reaches them; the UNet's own time projection turns them into float32 features.
+            time_ids = self.time_ids.round().long()
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled.to(dtype), "time_ids": time_ids}
         return kwargs
 
 

@@ -327,6 +327,7 @@ def load_teacher(
         text_encoder_2=load_model(root, "text_encoder_2", torch_dtype, variants["text_encoder_2"]).to(device)
         if sdxl else None,
         tokenizer_2=_from_pretrained(CLIPTokenizer, root, "tokenizer_2") if sdxl else None,
-        force_zeros_for_empty_prompt=bool(_read_json(root / "model_index.json").get("force_zeros_for_empty_prompt")),
+        force_zeros_for_empty_prompt=bool(_read_json(root / "model_index.json").get("force_zeros_for_empty_prompt",
+                                                                                   sdxl)),  # the pipeline's default
         sample_size=_read_json(root / "unet" / "config.json")["sample_size"] * vae_factor(root),
     )

@@ -66,9 +66,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def micro_conditioning(width: int, height: int, resolution: int) -> list[int]:
     """SDXL's micro-conditioning of a source image of width x height made into the R x R sample (ImageOps.fit:
     the centred square crop, resized): [original height, width, crop top, crop left, R, R], the crop in the
-    image resized so its short side is R, as diffusers' SDXL training script records it."""
-    scale = resolution / min(width, height)
-    resized_height, resized_width = round(height * scale), round(width * scale)
+    image resized so its short side is R (torchvision's Resize: the long side truncated), as diffusers' SDXL
+    training script records it."""
+    short = min(width, height)
+    resized_height, resized_width = int(resolution * height / short), int(resolution * width / short)
     top = max(0, round((resized_height - resolution) / 2))
     left = max(0, round((resized_width - resolution) / 2))
     return [height, width, top, left, resolution, resolution]

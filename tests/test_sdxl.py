@@ -85,7 +85,7 @@ def test_micro_conditioning_of_a_centre_crop():
     """Hand-computed: the short side resized to R, the crop in that resized image, as SDXL's training records."""
     from pipeline.images import micro_conditioning
 
-    assert micro_conditioning(64, 48, 32) == [48, 64, 0, 6, 32, 32]  # 64x48 -> 43x32, crop left (43-32)/2 = 5.5 -> 6
+    assert micro_conditioning(64, 48, 32) == [48, 64, 0, 5, 32, 32]  # 64x48 -> 42x32 (42.7 truncated), left 5
     assert micro_conditioning(30, 60, 32) == [60, 30, 16, 0, 32, 32]  # 30x60 -> 32x64, crop top 16
     assert micro_conditioning(48, 48, 32) == [48, 48, 0, 0, 32, 32]
 
