@@ -40,26 +40,13 @@ class Conditioning:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
-    def __getitem__(self, index) -> "Conditioning":
-        """Rows, like a tensor's first dimension (an int keeps its row dimension: one sample)."""
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
-        return self._map(lambda value: value[index])
+    def __getitem__(self, rows: slice) -> "Conditioning":
+        """A slice of the rows, like a tensor's first dimension."""
+        return self._map(lambda value: value[rows])
 
     def rows(self) -> Iterator["Conditioning"]:
         """One single-row Conditioning per sample."""
         return (self[i:i + 1] for i in range(len(self)))
-
-    @property
-    def device(self) -> torch.device:
-        return self.hidden.device
-
-    def to(self, *args: Any, **kwargs: Any) -> "Conditioning":
-        """Every part to a device; a dtype applies to the embeddings only, never to the time ids (sizes in
-        pixels: float16 holds them exactly only up to 2048)."""
-        moved = replace(self, **{name: value.to(*args, **kwargs) for name, value in self._parts().items()
-                                 if name != "time_ids"})
-        return moved if self.time_ids is None else replace(moved, time_ids=self.time_ids.to(moved.hidden.device))
 
     def expand(self, batch: int) -> "Conditioning":
         """A one-row conditioning repeated to `batch` rows (a view, like Tensor.expand); others as they are."""

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from diffusion.conditioning import Conditioning, as_conditioning, square_micro
+from diffusion.conditioning import Conditioning, square_micro
 from diffusion.errors import UserError, one_line
 from diffusion.files import sha256_file
 from diffusion.resolution import vae_factor
 from diffusion.schedule import NoiseSchedule
-from diffusion.unet import unet_eps
+from diffusion.unet import cond_uncond_eps, unet_eps
 
 # An SD folder has no text_encoder_2 / tokenizer_2, so its fingerprint is what it was before SDXL.
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "text_encoder_2", "tokenizer_2")
@@ -105,22 +106,18 @@ def is_sdxl(root: Path) -> bool:
     return index.is_file() and bool((_read_json(index).get("text_encoder_2") or [None])[0])
 
 
-def model_components(root: Path) -> tuple[str, ...]:
-    """The weighted components of the folder's layout (SD: vae, text_encoder, unet; SDXL adds text_encoder_2)."""
-    return tuple(c for c in MODEL_CLASSES if c != "text_encoder_2" or is_sdxl(root))
-
-
 def check_teacher_files(root: Path, variant: str | None = None) -> dict[str, str | None]:
     """Raise one clear line naming the first missing file of the StableDiffusionPipeline (or SDXL) layout;
     return the variant each weighted component loads (see component_variant)."""
-    components = model_components(root)
+    sdxl = is_sdxl(root)
+    components = tuple(c for c in MODEL_CLASSES if c != "text_encoder_2" or sdxl)  # SDXL adds text_encoder_2
     required = [root / "model_index.json"] + [root / c / "config.json" for c in components]
     required.append(root / "scheduler" / "scheduler_config.json")
     for path in required:
         if not path.is_file():
             raise UserError(f"teacher file missing: {path}; {_GET_IT}")
     variants = {component: component_variant(root / component, variant) for component in components}
-    for tok in (root / c for c in ("tokenizer", "tokenizer_2")[: 1 + is_sdxl(root)]):
+    for tok in (root / c for c in ("tokenizer", "tokenizer_2")[: 1 + sdxl]):
         if not ((tok / "tokenizer.json").is_file() or (tok / "vocab.json").is_file()):
             raise UserError(f"teacher file missing: {tok / 'tokenizer.json'} (or vocab.json + merges.txt); {_GET_IT}")
     return variants
@@ -186,7 +183,7 @@ class Teacher:
     def dtype(self) -> torch.dtype:
         return self.text_encoder.dtype
 
-    @property
+    @cached_property
     def vae_scale_factor(self) -> int:
         return vae_factor(self.root)
 
@@ -239,10 +236,7 @@ class Teacher:
         self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | torch.Tensor, uncond: Conditioning | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps_cond, eps_uncond) from one batched forward of 2B samples (`uncond` one row or one per sample)."""
-        batch = z_t.shape[0]
-        both = as_conditioning(cond).paired_with(as_conditioning(uncond))
-        eps = self.eps(torch.cat([z_t, z_t]), torch.cat([t, t]), both)
-        return eps[:batch], eps[batch:]
+        return cond_uncond_eps(self.unet, self.schedule, z_t, t, cond, uncond)
 
 
 def _cause(error: BaseException) -> str:

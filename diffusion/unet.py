@@ -84,6 +84,22 @@ def add_guidance_embedding(unet: UNet2DConditionModel, embedding_dim: int = 256)
     return student if student.dtype == unet.dtype else student.to(unet.dtype)
 
 
+def cond_uncond_eps(
+    unet: UNet2DConditionModel,
+    schedule: NoiseSchedule,
+    z_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: Conditioning | torch.Tensor,
+    uncond: Conditioning | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps_cond, eps_uncond), float32, from one forward of 2B samples (`uncond` one row, or one per sample;
+    Conditioning.paired_with); differentiable."""
+    batch = z_t.shape[0]
+    both = as_conditioning(cond).paired_with(as_conditioning(uncond))
+    eps = unet_eps(unet, schedule, torch.cat([z_t, z_t]), torch.cat([t, t]), both)
+    return eps[:batch], eps[batch:]
+
+
 def guided_eps(
     unet: UNet2DConditionModel,
     schedule: NoiseSchedule,
@@ -101,10 +117,7 @@ def guided_eps(
     if all(k == 1.0 for k in kappas):
         eps = unet_eps(unet, schedule, z_t, t, cond)
         return [eps for _ in kappas]
-    batch = z_t.shape[0]
-    both = as_conditioning(cond).paired_with(as_conditioning(uncond))
-    eps = unet_eps(unet, schedule, torch.cat([z_t, z_t]), torch.cat([t, t]), both)
-    eps_cond, eps_uncond = eps[:batch], eps[batch:]
+    eps_cond, eps_uncond = cond_uncond_eps(unet, schedule, z_t, t, cond, uncond)
     return [eps_uncond + k * (eps_cond - eps_uncond) for k in kappas]
 
 

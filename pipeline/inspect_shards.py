@@ -9,8 +9,8 @@ from typing import Any
 import torch
 import webdataset as wds
 
-from shards.format import READABLE_SCHEMA_VERSIONS, STORED_DTYPE, Record
-from shards.manifest import read_dataset_info, read_manifest
+from shards.format import STORED_DTYPE, Record
+from shards.manifest import read_dataset_info, read_manifest, schema_problem
 from shards.reader import describe
 from shards.verify import file_problems
 from shards.writer import ShardInfo
@@ -61,9 +61,8 @@ def inspect_folder(folder: str | Path) -> dict[str, Any]:
     info = read_dataset_info(folder)
     shards = read_manifest(folder)
     problems = file_problems(folder, verify=True)
-    if info.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
-        problems.append(f"schema_version {info.get('schema_version')} (this tool reads "
-                        f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
+    if (problem := schema_problem(info, "this tool")) is not None:
+        problems.append(problem)
     if missing := sorted(RECORD_FIELDS - info.keys()):
         problems.append(f"dataset.json: no {', '.join(missing)} (records not checked against it)")
     keys: Counter = Counter()

@@ -62,12 +62,19 @@ def recorded_coefficient(info: dict[str, Any]) -> str:
     return info.get("guidance", {}).get("coefficient") or DEFAULT_COEFFICIENT
 
 
+def schema_problem(info: dict[str, Any], reader: str) -> str | None:
+    """What is wrong with dataset.json's schema version for `reader` (which reads every readable one), or None."""
+    if info.get("schema_version") in READABLE_SCHEMA_VERSIONS:
+        return None
+    readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
+    return f"schema_version {info.get('schema_version')} ({reader} reads {readable})"
+
+
 def check_compatible(info: dict[str, Any], *, teacher_fingerprint: str | None = None, kind: str | None = None) -> None:
     """Refuse shards whose schema, kind or teacher differ from what the reader expects, saying what differs."""
     problems = []
-    if info.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
-        problems.append(f"schema_version {info.get('schema_version')} (this reader reads "
-                        f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
+    if (problem := schema_problem(info, "this reader")) is not None:
+        problems.append(problem)
     if kind is not None and info.get("kind") != kind:
         problems.append(f"kind {info.get('kind')!r} (expected {kind!r})")
     if teacher_fingerprint is not None and info.get("teacher", {}).get("fingerprint") != teacher_fingerprint:

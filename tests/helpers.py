@@ -26,6 +26,20 @@ def read_records(folder: Path) -> dict:
     return records
 
 
+def relative(a, b) -> float:
+    """||a - b|| / ||b|| of two tensors."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+def train_w_student(out: Path, teacher_dir, shards, steps: int) -> Path:
+    """A small w-student (w in [1, 4], a 16-wide w embedding) of `teacher_dir` on `shards`, in `out`."""
+    from trainer.cli import main
+
+    assert main(fit_args("w-distill", teacher_dir, shards, out, "--max-steps", steps, "--w-min", 1, "--w-max", 4,
+                         "--w-embedding-dim", 16)) == 0
+    return out
+
+
 def fit_args(method, teacher_dir, shards, out, *extra) -> list[str]:
     """`trainer fit` for the tiny teacher: quick, quiet, deterministic."""
     return ["fit", "--method", method, "--teacher", str(teacher_dir), "--shards", str(shards), "--out", str(out),

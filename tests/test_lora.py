@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import fit_args
+from helpers import fit_args, relative
 from students.lora import EMBEDDING_FILE, KOHYA_FILE, LORA_FILE
 from trainer.cli import main
 
@@ -24,10 +24,6 @@ def _inputs(unet, batch=3, seed=0):
     size = unet.config.sample_size
     return (torch.randn(batch, 4, size, size, generator=generator), torch.tensor([10, 500, 990][:batch]),
             torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator))
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @torch.no_grad()
@@ -68,21 +64,21 @@ def test_cfg_distill_lora_files_load_in_stock_diffusers_kohya_and_merged(teacher
     inputs = _inputs(student)
     expected = _out(student, inputs)
     teacher = UNet2DConditionModel.from_pretrained(teacher_dir, subfolder="unet")
-    assert _relative(_out(teacher, inputs), expected) > 1e-3  # the adapter moved the student
+    assert relative(_out(teacher, inputs), expected) > 1e-3  # the adapter moved the student
 
     pipe = StableDiffusionPipeline.from_pretrained(teacher_dir, safety_checker=None)
     pipe.load_lora_weights(out)  # the stock call: pytorch_lora_weights.safetensors by its default name
-    assert _relative(_out(pipe.unet, inputs), expected) <= 1e-4
+    assert relative(_out(pipe.unet, inputs), expected) <= 1e-4
     pipe = StableDiffusionPipeline.from_pretrained(teacher_dir, safety_checker=None)
     pipe.load_lora_weights(out, weight_name=KOHYA_FILE)  # the kohya file, through diffusers' kohya converter
-    assert _relative(_out(pipe.unet, inputs), expected) <= 1e-4
+    assert relative(_out(pipe.unet, inputs), expected) <= 1e-4
     merged = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
-    assert _relative(_out(merged, inputs), expected) <= 1e-4
+    assert relative(_out(merged, inputs), expected) <= 1e-4
 
     applied = tmp_path / "applied"  # the acceleration-module path, here onto the adapter's own base
     assert main(["export", str(out), "--base", str(teacher_dir), "--to", str(applied)]) == 0
     merged = UNet2DConditionModel.from_pretrained(applied, subfolder="unet")
-    assert _relative(_out(merged, inputs), expected) <= 1e-4
+    assert relative(_out(merged, inputs), expected) <= 1e-4
     record = json.loads((applied / "distillation.json").read_text())
     assert str(applied.resolve()) in record["inference"]["diffusers"] and record["adapter"]["files"] == {}
     assert main(["export", str(applied)]) == 2  # its adapter files stayed in OUT
@@ -116,12 +112,12 @@ def test_w_distill_lora_ships_its_guidance_embedding_and_export_merges_later(tea
     unet.load_state_dict(load_file(str(out / EMBEDDING_FILE)), strict=False)
     pipe = StableDiffusionPipeline.from_pretrained(teacher_dir, unet=unet, safety_checker=None)
     pipe.load_lora_weights(out)
-    assert _relative(_out(pipe.unet, inputs, timestep_cond=cond), expected) <= 1e-4
+    assert relative(_out(pipe.unet, inputs, timestep_cond=cond), expected) <= 1e-4
     assert "time_cond_proj_dim=16" in json.loads((out / "distillation.json").read_text())["inference"]["diffusers"]
 
     assert main(["export", str(out)]) == 0
     merged = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
-    assert _relative(_out(merged, inputs, timestep_cond=cond), expected) <= 1e-4
+    assert relative(_out(merged, inputs, timestep_cond=cond), expected) <= 1e-4
     assert json.loads((out / "distillation.json").read_text())["adapter"]["merged_pipeline"]
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from diffusion.samplers import CLEAN, ddim_step, grid_coefficients, grid_ddim, grid_stochastic, step_grid
 from diffusion.schedule import NoiseSchedule
 from diffusion.tiny import SD_SCHEDULER
-from helpers import fit_args
+from helpers import train_w_student
 from trainer.cli import main as trainer_main
 from trainer.losses import progressive_loss, progressive_target, truncated_snr_weight
 
@@ -121,10 +121,7 @@ def test_stochastic_sampler_makes_n_passes_and_depends_on_its_noise(teacher, ste
 
 @pytest.fixture(scope="module")
 def w_student(tmp_path_factory, teacher_dir, cfg_shards):
-    out = tmp_path_factory.mktemp("w-student") / "w"
-    assert trainer_main(fit_args("w-distill", teacher_dir, cfg_shards, out, "--max-steps", 2, "--w-min", 1,
-                                 "--w-max", 4, "--w-embedding-dim", 16)) == 0
-    return out
+    return train_w_student(tmp_path_factory.mktemp("w-student") / "w", teacher_dir, cfg_shards, 2)
 
 
 def progressive_args(student, shards, out, *extra) -> list[str]:

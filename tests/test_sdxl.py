@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import build_args, fit_args, read_records
+from helpers import build_args, fit_args, read_records, relative, train_w_student
 
 from pipeline.cli import main as pipeline_main
 from trainer.cli import main as trainer_main
@@ -151,16 +151,9 @@ def test_cfg_distill_on_sdxl_learns_and_loads_in_the_sdxl_pipeline(sdxl_dir, sdx
     assert image.shape == (1, 32, 32, 3) and [c["batch"] for c in calls] == [1, 1, 1]
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.fixture(scope="module")
 def sdxl_w_student(tmp_path_factory, sdxl_dir, sdxl_shards):
-    out = tmp_path_factory.mktemp("w-student") / "w"
-    assert trainer_main(fit_args("w-distill", sdxl_dir, sdxl_shards, out, "--max-steps", 3, "--w-min", 1,
-                                 "--w-max", 4, "--w-embedding-dim", 16)) == 0
-    return out
+    return train_w_student(tmp_path_factory.mktemp("w-student") / "w", sdxl_dir, sdxl_shards, 3)
 
 
 def test_w_distill_on_sdxl_takes_w_through_the_sdxl_pipelines_timestep_cond(sdxl_w_student):
@@ -212,7 +205,7 @@ def test_sid_lsg_on_sdxl_is_its_stock_pipeline_at_t_init_and_trains_a_lora(sdxl_
         ours = sid_one_step(generator, sdxl.schedule, z, t_init, sdxl.encode_text(["a red cat"]))
         stock = pipe("a red cat", timesteps=[t_init], guidance_scale=1.0, latents=z.clone(),
                      output_type="latent").images
-    assert _relative(stock, ours) <= 1e-4
+    assert relative(stock, ours) <= 1e-4
 
     lora = tmp_path / "sid-lora"
     assert trainer_main(sid_args(sdxl_dir, prompts, lora, "--max-kimg", 0.002, "--ema-halflife-kimg", 0,
@@ -239,10 +232,10 @@ def test_cfg_distill_lora_on_sdxl_loads_in_the_sdxl_pipeline_diffusers_and_kohya
     with torch.no_grad():
         merged = UNet2DConditionModel.from_pretrained(out, subfolder="unet")(*inputs, **kwargs).sample
         base = UNet2DConditionModel.from_pretrained(sdxl_dir, subfolder="unet")(*inputs, **kwargs).sample
-        assert _relative(base, merged) > 1e-3
+        assert relative(base, merged) > 1e-3
         for weight_name in (None, KOHYA_FILE):
             pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, local_files_only=True)
             pipe.load_lora_weights(out, **({"weight_name": weight_name} if weight_name else {}))
-            assert _relative(pipe.unet(*inputs, **kwargs).sample, merged) <= 1e-4
+            assert relative(pipe.unet(*inputs, **kwargs).sample, merged) <= 1e-4
     with safe_open(str(out / KOHYA_FILE), "pt") as kohya:
         assert all(k.startswith("lora_unet_") for k in kohya.keys())

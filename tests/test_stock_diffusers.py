@@ -19,7 +19,7 @@ from PIL import Image
 from diffusion.samplers import grid_ddim, initial_noise, sid_one_step, step_grid
 from diffusion.unet import add_guidance_embedding
 from evaluation.cli import main as evaluation_main
-from helpers import assert_images_close, sid_args
+from helpers import assert_images_close, relative, sid_args
 from trainer.cli import main as trainer_main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -34,10 +34,6 @@ def run_recorded(code: str, **values) -> dict:
     scope = {"torch": torch, **{name: getattr(diffusers, name) for name in NAMES}, **values}
     exec(code, scope)
     return scope
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def generated(folder, tmp_path, *extra) -> np.ndarray:

@@ -203,6 +203,12 @@ def load_full_optimizer_state_dict(optimizer, state: dict) -> None:
                                               for i, values in state["state"].items()}})
 
 
+def _is_main() -> bool:
+    from accelerate.state import PartialState
+
+    return PartialState().is_main_process
+
+
 class _Collective:
     """A checkpoint part whose state_dict() and load_state_dict() run on every rank (trainer.resume)."""
 
@@ -219,10 +225,8 @@ class ShardedModel(_Collective):
         self.model = model
 
     def state_dict(self) -> dict | None:
-        from accelerate.state import PartialState
-
         state = full_state_dict(self.model)
-        return state if PartialState().is_main_process else None
+        return state if _is_main() else None
 
     def load_state_dict(self, state: dict) -> None:
         load_full_state_dict(self.model, state)
@@ -237,9 +241,7 @@ class ShardedOptimizer(_Collective):
         self.optimizer = optimizer
 
     def state_dict(self) -> dict | None:
-        from accelerate.state import PartialState
-
-        main = PartialState().is_main_process
+        main = _is_main()
         state = full_optimizer_state_dict(self.optimizer, keep=main)
         return state if main else None
 
@@ -255,9 +257,7 @@ class ShardedEMA(_Collective):
         self.ema = ema
 
     def state_dict(self) -> dict | None:
-        from accelerate.state import PartialState
-
-        main = PartialState().is_main_process
+        main = _is_main()
         state = self.ema.state_dict()
         averages = [full_tensor(p, keep=main) for p in state["shadow_params"]]
         return {**state, "shadow_params": averages} if main else None
@@ -288,10 +288,9 @@ def gathered_student(model, ema=None):
     """For the export: on the main process, a plain (unsharded) copy of the student's class with the full
     weights, the EMA's averages in place of the trained ones when there is an EMA; None on the other ranks.
     Every rank calls it. The copy is built on the meta device and takes the gathered tensors as they are."""
-    from accelerate.state import PartialState
     from torch.distributed.fsdp import FSDPModule
 
-    main = PartialState().is_main_process
+    main = _is_main()
     state = full_state_dict(model)
     if ema is not None:
         for name, average in zip(trainable_names(model), ema.shadow_params):
