@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,12 +33,26 @@ from shards.writer import atomic_write_json
 from trainer.cli import main as trainer_main
 from trainer.progressive import round_folder, use_grid_scheduler
 
+SDXL_PROCESSES = 2  # the SDXL student's FSDP run: the student sharded over 2 processes (global batch 16)
+
 
 def _run(program: str, entry, argv: list) -> None:
     argv = [str(a) for a in argv]
     click.secho(f"$ {program} " + " ".join(argv), fg="cyan")
     if entry(argv) != 0:
         raise SystemExit(f"demo step failed: {program} {' '.join(argv)}")
+
+
+def _torchrun(processes: int, argv: list) -> None:
+    """`torchrun --nproc_per_node N -m trainer.cli ARGV`: a real N-process run (gloo on CPUs), as users launch
+    one; its output goes to the terminal."""
+    argv = [str(a) for a in argv]
+    click.secho(f"$ torchrun --nproc_per_node {processes} -m trainer.cli " + " ".join(argv), fg="cyan")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    # on the CPUs whatever the machine has: the model is tiny, and two ranks cannot share one GPU under NCCL
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or processes) // processes)), "CUDA_VISIBLE_DEVICES": ""}
+    if subprocess.run([*launch, "-m", "trainer.cli", *argv], env={**os.environ, **threads}).returncode != 0:
+        raise SystemExit(f"demo step failed: torchrun trainer {' '.join(argv)}")
 
 
 def _timed(stage, *args) -> None:
@@ -161,17 +178,17 @@ def fit_few_step(root: Path, world, s: DemoSettings) -> None:
 
 
 def sdxl_chain(root: Path, world, s: DemoSettings) -> None:
-    """The same commands on an SDXL-layout teacher (tiny, random weights: the chain, not quality), then the
-    checks the report shows (demo/sdxl.py)."""
+    """The same commands on an SDXL-layout teacher (tiny, random weights: the chain, not quality), the student
+    trained sharded over SDXL_PROCESSES processes with FSDP2, then the checks the report shows (demo/sdxl.py)."""
     teacher, shards, student = sdxl_teacher(root), root / "sdxl" / "shards", root / "sdxl" / "student-cfg"
     _run("pipeline", pipeline_main, ["build-shards", "--teacher", teacher, "--source", world.source, "--resolution",
                                      32, "--batch-size", 64, "--shard-size", 500, "--samples", s.sdxl_samples,
                                      "--out", shards])
-    _run("trainer", trainer_main, [
-        "fit", "--method", "cfg-distill", "--teacher", teacher, "--shards", shards, "--out", student,
-        "--guidance-scale", s.alpha, "--max-steps", s.sdxl_fit_steps, "--batch-size", 16, "--lr", 3e-4,
-        "--lr-warmup-steps", 0, "--ema-decay", 0, "--checkpoint-every", s.sdxl_fit_steps, "--resume", "latest",
-        "--report-to", "none"])
+    _torchrun(SDXL_PROCESSES, [
+        "fit", "--method", "cfg-distill", "--teacher", teacher, "--shards", shards, "--out", student, "--fsdp",
+        "--guidance-scale", s.alpha, "--max-steps", s.sdxl_fit_steps, "--batch-size", 16 // SDXL_PROCESSES,
+        "--lr", 3e-4, "--lr-warmup-steps", 0, "--ema-decay", 0, "--checkpoint-every", s.sdxl_fit_steps,
+        "--num-workers", 0, "--resume", "latest", "--report-to", "none"])
     check = write_check(root, teacher, shards, student)
     click.echo(f"sdxl: {check['samples']} records, recompute error {check['recompute_max_abs_error']:.1e}, "
                f"loss {check['loss_first']:.4f} -> {check['loss_last']:.4f}, "

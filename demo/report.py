@@ -126,7 +126,8 @@ def sdxl_section(root: Path) -> list[str]:
     micro = "; ".join(str(m) for m in check["micro"][:3])
     return [
         "## SDXL teachers: the same commands", "",
-        "`pipeline build-shards` -> `trainer fit --method cfg-distill` -> `StableDiffusionXLPipeline`, on an "
+        "`pipeline build-shards` -> `torchrun --nproc_per_node 2 -m trainer.cli fit --method cfg-distill --fsdp` "
+        "(the student sharded over two CPU processes) -> `StableDiffusionXLPipeline`, on an "
         "SDXL-layout teacher: two CLIP text encoders (the second's projection is the pooled embedding), a UNet with "
         "SDXL's micro-conditioning. There is no trained SDXL digits teacher, so this one is tiny with random weights: "
         "the row proves the chain, not quality (`demo/sdxl.py`).", "",
@@ -135,6 +136,9 @@ def sdxl_section(root: Path) -> list[str]:
             ["micro-conditioning recorded [orig h, w, crop top, left, target h, w]", micro],
             [f"a fresh teacher pass on {check['checked_records']} records: max abs error of the stored eps",
              f"{check['recompute_max_abs_error']:.1e} (float16 storage)"],
+            ["training: processes, sharding, global batch",
+             f"{check['fit_processes']}, {'FSDP2 (FULL_SHARD)' if check['fit_fsdp'] else 'DDP'}, "
+             f"{check['global_batch_size']}"],
             [f"cfg-distill loss, first -> last tenth of {check['fit_steps']} steps",
              f"{check['loss_first']:.4f} -> {check['loss_last']:.4f}"],
             [f"{check['pipeline']}: UNet batch per call, 4 steps", str(check["unet_batches_4_steps"])],

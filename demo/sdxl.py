@@ -3,9 +3,10 @@
 There is no trained SDXL digits teacher (training one would take the demo's whole budget), so the teacher is a
 tiny random-weight StableDiffusionXLPipeline folder (two CLIP text encoders, the second with a projection, a
 UNet with `addition_embed_type="text_time"`), built once and cached. Over the digits world's source images it
-runs `pipeline build-shards` and `trainer fit --method cfg-distill`, then checks what the report shows: the
-records' micro-conditioning, a fresh teacher pass recomputing the stored predictions, the training loss, and the
-student sampled by stock `StableDiffusionXLPipeline` at one UNet pass per step. The result is sdxl-check.json.
+runs `pipeline build-shards` and `trainer fit --method cfg-distill` (under torchrun, the student sharded with
+FSDP2), then checks what the report shows: the records' micro-conditioning, a fresh teacher pass recomputing the
+stored predictions, the training loss, and the student sampled by stock `StableDiffusionXLPipeline` at one UNet
+pass per step. The result is sdxl-check.json.
 """
 
 from __future__ import annotations
@@ -75,16 +76,19 @@ def write_check(root: Path, teacher_dir: Path, shards: Path, student: Path) -> d
 
     info = read_dataset_info(shards)
     every = list(records(shards))
-    state = json.loads(max((student / "checkpoints").glob("step-*/trainer_state.json")).read_text())["state"]
-    losses = state["recent_losses"]
+    saved = json.loads(max((student / "checkpoints").glob("step-*/trainer_state.json")).read_text())
+    state, losses = saved["state"], saved["state"]["recent_losses"]
     tenth = max(1, len(losses) // 10)  # the loss over the first and the last tenth of the steps
     batches, shape = stock_passes(student, "a handwritten digit seven")
+    record = json.loads((student / "distillation.json").read_text())
     check = {"samples": info["samples"], "schema_version": info["schema_version"], "fit_steps": state["step"],
+             "fit_processes": saved["run"]["data_layout"]["world_size"], "fit_fsdp": saved["config"]["fsdp"],
+             "global_batch_size": record["global_batch_size"],
              "micro": sorted({tuple(r.meta["micro"]) for r in every}),
              "recompute_max_abs_error": recompute_error(teacher_dir, every[:CHECKED_RECORDS]),
              "checked_records": min(CHECKED_RECORDS, len(every)), "loss_first": mean(losses[:tenth]),
              "loss_last": mean(losses[-tenth:]),
-             "pipeline": json.loads((student / "distillation.json").read_text())["inference"]["pipeline"],
+             "pipeline": record["inference"]["pipeline"],
              "unet_batches_4_steps": batches, "image_shape": shape}
     atomic_write_json(root / "sdxl-check.json", check)
     return check

@@ -74,6 +74,14 @@ def cfg_shards(tmp_path_factory, teacher_dir, bad_source) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def w_student(tmp_path_factory, teacher_dir, cfg_shards) -> Path:
+    """A w-distill student of the tiny teacher (w in [1, 4]): progressive's starting point."""
+    from helpers import train_w_student
+
+    return train_w_student(tmp_path_factory.mktemp("w-student") / "w", teacher_dir, cfg_shards, 2)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Each in-process run gets its own Accelerator settings (accelerate keeps them in a process-wide singleton)."""

@@ -47,6 +47,13 @@ def fit_args(method, teacher_dir, shards, out, *extra) -> list[str]:
             "--report-to", "none", *map(str, extra)]
 
 
+def progressive_args(student, shards, out, *extra) -> list[str]:
+    """`trainer fit --method progressive` from a w-student: quick, quiet, deterministic."""
+    return ["fit", "--method", "progressive", "--student", str(student), "--shards", str(shards), "--out", str(out),
+            "--batch-size", "4", "--lr", "1e-4", "--ema-decay", "0", "--num-workers", "0", "--report-to", "none",
+            *map(str, extra)]
+
+
 def count_unet_calls(unet) -> list[dict]:
     """Record the keyword arguments of every forward of a diffusers UNet (a forward pre-hook)."""
     calls = []

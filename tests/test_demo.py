@@ -64,6 +64,7 @@ def test_report_has_every_section_and_grids(fast_demo):
     assert sdxl["schema_version"] == 2 and sdxl["micro"] == [[32, 32, 0, 0, 32, 32]]  # the world's 32 px images
     assert sdxl["recompute_max_abs_error"] < 2e-3 and sdxl["pipeline"] == "StableDiffusionXLPipeline"
     assert sdxl["unet_batches_4_steps"] == [1, 1, 1, 1] and sdxl["image_shape"] == [1, 32, 32, 3]
+    assert (sdxl["fit_processes"], sdxl["fit_fsdp"], sdxl["global_batch_size"]) == (2, True, 16)
     check = json.loads((fast_demo / "inputs-check.json").read_text())
     assert set(check["dataset"]["skipped"]) == {
         "unreadable_image", "image_too_small", "image_too_large", "missing_caption", "empty_caption",

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from diffusion.samplers import CLEAN, ddim_step, grid_coefficients, grid_ddim, grid_stochastic, step_grid
 from diffusion.schedule import NoiseSchedule
 from diffusion.tiny import SD_SCHEDULER
-from helpers import train_w_student
+from helpers import progressive_args
 from trainer.cli import main as trainer_main
 from trainer.losses import progressive_loss, progressive_target, truncated_snr_weight
 
@@ -117,17 +117,6 @@ def test_stochastic_sampler_makes_n_passes_and_depends_on_its_noise(teacher, ste
     assert len(rows) == steps and rows == [2] * steps
     assert (first - sample(0)).abs().max().item() == 0.0
     assert (first - sample(100)).abs().max().item() > 1e-3
-
-
-@pytest.fixture(scope="module")
-def w_student(tmp_path_factory, teacher_dir, cfg_shards):
-    return train_w_student(tmp_path_factory.mktemp("w-student") / "w", teacher_dir, cfg_shards, 2)
-
-
-def progressive_args(student, shards, out, *extra) -> list[str]:
-    return ["fit", "--method", "progressive", "--student", str(student), "--shards", str(shards), "--out", str(out),
-            "--batch-size", "4", "--lr", "1e-4", "--ema-decay", "0", "--num-workers", "0", "--report-to", "none",
-            *map(str, extra)]
 
 
 def _x0_errors(unet_student, unet_teacher, teacher, shards, w: float = 3.0):
@@ -236,26 +225,6 @@ def test_refusals(teacher_dir, w_student, cfg_shards, blue_shards, tmp_path, cap
         assert trainer_main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (message, err)
-
-
-def test_torchrun_two_processes(w_student, cfg_shards, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    out = tmp_path / "ddp"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer.cli"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = progressive_args(w_student, cfg_shards, out, "--start-steps", 4, "--end-steps", 1, "--iters-per-round", 2,
-                            "--batch-size", 2, "--epochs")
-    done = subprocess.run(launch + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads((out / f"round-0{n}steps" / "distillation.json").read_text()) for n in (2, 1)]
-    assert [r["global_batch_size"] for r in records] == [4, 4] and [r["round"] for r in records] == [1, 2]
-    assert sorted(p.name for p in (out / "checkpoints/step-00000004").glob("rng-rank*.json")) == [
-        "rng-rank0.json", "rng-rank1.json"]
 
 
 def test_a_round_in_out_is_refused_and_overwrite_never_removes_the_student(w_student, cfg_shards, tmp_path, capsys):

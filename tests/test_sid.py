@@ -251,19 +251,6 @@ def test_exported_generator_reproduces_training_x_g_bit_for_bit(teacher_dir, pro
                             "--out", str(pngs[0])]) == 2
 
 
-def test_torchrun_two_processes(teacher_dir, prompt_file, tmp_path):
-    out = tmp_path / "ddp"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer.cli"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(launch + sid_args(teacher_dir, prompt_file, out, "--max-kimg", 0.008), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads((out / "distillation.json").read_text())
-    assert record["global_batch_size"] == 4 and record["iterations"] == 2 and record["kimg"] == 0.008
-    assert sorted(p.name for p in (out / "checkpoints/step-00000002").glob("rng-rank*.json")) == [
-        "rng-rank0.json", "rng-rank1.json"]
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--shards", "/tmp"], "--shards does not apply to --method sid-lsg"),
     (["--kappa", "0"], None),

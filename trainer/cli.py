@@ -12,8 +12,8 @@ from click.core import ParameterSource
 from diffusion.cli import config_option, dataclass_option, run_group
 from diffusion.errors import UserError
 from diffusion.guidance import COEFFICIENTS
-from trainer.config import (LR_SCHEDULES, MIXED_PRECISION, SHARD_KIND, W_LOSSES, FitConfig, ProgressiveConfig,
-                            fsdp_not_supported, options_of_other_methods)
+from trainer.config import (FSDP_TEACHER, LR_SCHEDULES, MIXED_PRECISION, SHARD_KIND, W_LOSSES, FitConfig,
+                            ProgressiveConfig, options_of_other_methods)
 from trainer.sid_config import SidConfig
 
 option = dataclass_option(FitConfig)
@@ -62,9 +62,11 @@ def cli() -> None:
 @option("mixed_precision", "Autocast precision; the trained weights stay float32.", type=click.Choice(MIXED_PRECISION))
 @option("gradient_checkpointing", "Recompute UNet activations in the backward pass to save memory.", is_flag=True)
 @option("xformers", "Use xformers attention instead of PyTorch SDPA (needs the xformers extra).", is_flag=True)
-@option("fsdp", "Shard the student's weights, gradients, AdamW state and EMA over the processes (FSDP2; "
-        "torchrun/accelerate launch with 2+ processes; full students of cfg-, classifier-, w-distill; see "
-        "docs/trainer.md). An `accelerate launch` FSDP config does the same without it.", is_flag=True)
+@option("fsdp", "Shard the trained networks' weights, gradients, Adam states and EMA over the processes (FSDP2; "
+        "torchrun/accelerate launch with 2+ processes; full students of every method; see docs/trainer.md). An "
+        "`accelerate launch` FSDP config does the same without it.", is_flag=True)
+@progressive_option("fsdp_teacher", "progressive, sid-lsg under FSDP: shard the frozen teacher UNet too, or "
+                    "keep a whole copy on each process.", type=click.Choice(FSDP_TEACHER))
 @option("ema_decay", "EMA decay of the student weights, with warm-up (0: no EMA). The exported UNet is the EMA.", type=float)
 @option("checkpoint_every", "Write a checkpoint every N steps (and at the end, and on Ctrl-C/SIGTERM).", type=int)
 @option("checkpoints_total_limit", "Keep the last K checkpoints.", type=int)
@@ -169,8 +171,6 @@ def config_for_method(options: dict) -> FitConfig | SidConfig | ProgressiveConfi
     config_class = CONFIG_CLASS[method]
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
     fields = {f.name: f for f in dataclasses.fields(config_class)}
-    if given.get("fsdp") and "fsdp" not in fields:
-        raise UserError(fsdp_not_supported(method, lora=False))
     if stray := sorted(set(given) - set(fields)) or options_of_other_methods(method, given):
         raise UserError(f"--{stray[0].replace('_', '-')} does not apply to --method {method}")
     for name, f in fields.items():

@@ -15,6 +15,7 @@ DEFAULT_GUIDANCE_SCALE = {"cfg-distill": 7.5, "classifier-distill": 100.0}
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 W_LOSSES = ("x0", "eps")
+FSDP_TEACHER = ("shard", "replicate")  # a frozen teacher UNet under FSDP (progressive, sid-lsg)
 # FitConfig's options that only some of its methods take: given to another method, they are refused by name
 METHOD_ONLY_OPTIONS = {
     "guidance_scale": ("cfg-distill", "classifier-distill"),
@@ -30,19 +31,21 @@ def options_of_other_methods(method: str, given) -> list[str]:
     return sorted(k for k in given if method not in METHOD_ONLY_OPTIONS.get(k, (method,)))
 
 
-def fsdp_not_supported(method: str | None, lora: bool, validate_every: int = 0) -> str | None:
+def fsdp_not_supported(method: str, lora: bool) -> str | None:
     """Why FSDP (--fsdp, or an accelerate FSDP config) cannot run this configuration yet, or None if it can
-    (trainer.fsdp: full students of the shard-loop methods)."""
-    if method not in SHARD_KIND:
-        return (f"FSDP (--fsdp, or an accelerate FSDP config) is not supported yet with --method {method}: it shards "
-                f"the full students of {', '.join(SHARD_KIND)}")
-    if lora:
-        return ("FSDP (--fsdp, or an accelerate FSDP config) with --lora-rank is not supported yet: it shards full "
-                "students only (a LoRA adapter is small enough for a DDP run)")
-    if validate_every:
-        return ("FSDP (--fsdp, or an accelerate FSDP config) with --validate-every is not supported yet (validation "
-                "samples on the main process alone)")
+    (trainer.fsdp: full students of every method, LoRA students of cfg-, classifier- and w-distill)."""
+    if lora and method not in SHARD_KIND:
+        return (f"FSDP (--fsdp, or an accelerate FSDP config) with --lora-rank is not supported yet for --method "
+                f"{method}: its adapters share one UNet, which a LoRA run holds once (run it under DDP)")
     return None
+
+
+def check_fsdp_options(config) -> None:
+    """--fsdp with what FSDP does not run yet, or --fsdp-teacher without FSDP's choices: one line."""
+    if config.fsdp and (problem := fsdp_not_supported(config.method, config.lora is not None)):
+        raise UserError(problem)
+    if hasattr(config, "fsdp_teacher"):
+        require_choice("fsdp-teacher", config.fsdp_teacher, FSDP_TEACHER)
 
 
 def require_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
@@ -116,6 +119,7 @@ class ShardLoopConfig:
     lora_alpha: float | None = None  # the adapter's output is scaled by alpha / rank [rank]
     lora_targets: str | None = None  # comma-separated module names [trainer.student.DEFAULT_LORA_TARGETS]
     merge: bool = False  # LoRA: also write the merged pipeline (base + adapter in one UNet) into OUT
+    fsdp: bool = False  # shard the student, its gradients, AdamW state and EMA over the processes (trainer.fsdp)
 
     def __post_init__(self) -> None:
         require_choice("lr-scheduler", self.lr_scheduler, LR_SCHEDULES)
@@ -130,6 +134,7 @@ class ShardLoopConfig:
         if self.validate_every and not self.validation_prompts:
             raise UserError("--validate-every needs --validation-prompts FILE: the prompts of the validation grids")
         self.lora  # refuses bad LoRA options before any work
+        check_fsdp_options(self)
 
     @property
     def lora(self):
@@ -167,14 +172,11 @@ class FitConfig(ShardLoopConfig):
     w_embedding_dim: int = 256
     w_loss: str | None = None  # w-distill: "x0" (seed 001's max(SNR, 1)-weighted x loss) or "eps" [x0]
     max_steps: int = 1000
-    fsdp: bool = False  # shard the student, its gradients, AdamW state and EMA over the processes (trainer.fsdp)
 
     def __post_init__(self) -> None:
         if self.method not in SHARD_KIND:
             raise UserError(f"unknown --method {self.method!r}; expected one of {sorted(SHARD_KIND)}")
         super().__post_init__()
-        if self.fsdp and (problem := fsdp_not_supported(self.method, self.lora is not None, self.validate_every)):
-            raise UserError(problem)
         if self.guidance_scale is None and self.method in DEFAULT_GUIDANCE_SCALE:
             self.guidance_scale = DEFAULT_GUIDANCE_SCALE[self.method]
         if self.method == "w-distill" and not self.w_min <= self.w_max:
@@ -215,6 +217,7 @@ class ProgressiveConfig(ShardLoopConfig):
     w_max: float | None = None
     lr_scheduler: str = "constant"  # per round
     lr_warmup_steps: int = 0
+    fsdp_teacher: str = "shard"  # with FSDP, the round's frozen teacher: "shard" (as the student) or "replicate"
 
     def __post_init__(self) -> None:
         if self.method != "progressive":

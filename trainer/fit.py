@@ -39,8 +39,8 @@ from students.lora import EMBEDDING_WEIGHT
 from trainer.config import FitConfig
 from trainer.data import MicroBatches, position_generator
 from trainer.ema import WarmupEMA
-from trainer.fsdp import (drop_unreduced_gradients, enable_fsdp, fsdp_plugin, gathered_student, is_fsdp,
-                          sharded_parts)
+from trainer.fsdp import (collective_parts, drop_unreduced_gradients, enable_fsdp, fsdp_plugin, gathered_student,
+                          is_fsdp)
 from trainer.losses import (cfg_distill_loss, classifier_distill_loss, sample_w, w_distill_eps_loss, w_distill_loss,
                             w_distill_target)
 from trainer.optim import clear_gradients, make_adam
@@ -300,9 +300,9 @@ def run_steps(cfg, accelerator, state: TrainState, until: int, step, checkpoint,
     --max-nonfinite-steps skipped steps in a row. Returns ("done" or "interrupted", each step's seconds: data
     wait included, checkpoints not). `after_step(seconds)` is called after each step, outside its time;
     `validate(step)` on the main process at step 0 of a fresh run and every --validate-every steps, outside it
-    too (trainer.validation)."""
+    too (trainer.validation), on every rank (a sharded student is gathered for it)."""
     status, seconds = "done", []
-    if validate is not None and accelerator.is_main_process and state.step == 0:
+    if validate is not None and state.step == 0:
         validate(0)
     progress_bar = tqdm(total=until - first, initial=state.step - first, desc=description, unit="step",
                         disable=not accelerator.is_main_process)
@@ -319,7 +319,7 @@ def run_steps(cfg, accelerator, state: TrainState, until: int, step, checkpoint,
                 progress.set_postfix(loss=f"{loss:.4g}", lr=f"{current_lr():.2g}")
                 if state.step % cfg.log_every == 0:
                     accelerator.log({"loss": loss, "lr": current_lr()}, step=state.step)
-            if validate is not None and accelerator.is_main_process and state.step % cfg.validate_every == 0:
+            if validate is not None and state.step % cfg.validate_every == 0:
                 validate(state.step)
             if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                 checkpoint()
@@ -364,10 +364,8 @@ def run_fit(cfg: FitConfig, after_step: AfterStep | None = None) -> dict[str, An
 
     run = {"identity": cfg.identity(), "data_layout": cfg.data_layout(accelerator.num_processes),
            "teacher_fingerprint": teacher.fingerprint, "data_sha256": sha256_file(Path(cfg.shards) / MANIFEST)}
-    parts = {"unet": checkpoint_part(student, cfg.lora), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
-             "ema": ema}
-    if is_fsdp(accelerator):  # the same files, gathered from (and scattered to) the shards
-        parts = sharded_parts(parts, student)
+    parts = collective_parts({"unet": checkpoint_part(student, cfg.lora), "optimizer": optimizer,
+                              "lr_scheduler": lr_scheduler, "ema": ema})  # FSDP: the same files, gathered
     state = TrainState()
     if (resumed := resume_checkpoint(Path(cfg.out), cfg.resume, run, accelerator, parts)) is not None:
         state = TrainState.from_dict(resumed[1])
@@ -380,8 +378,8 @@ def run_fit(cfg: FitConfig, after_step: AfterStep | None = None) -> dict[str, An
                                   TENSORS_BY_KIND[cfg.shard_kind] + ("zt",), state.step)
     init_trackers(cfg, accelerator, "fit")
     loss_fn = partial(micro_batch_loss, cfg, student, teacher.schedule, accelerator.device)
-    validate = step_validation(shard_loop_validation(cfg, accelerator, teacher, student), accelerator, student, ema,
-                               partial(fit_sampler, cfg, teacher.schedule))
+    validate = step_validation(cfg, shard_loop_validation(cfg, accelerator, teacher, student), accelerator, student,
+                               ema, partial(fit_sampler, cfg, teacher.schedule))
 
     def step(stop: StopRequest, key_log) -> float | None:
         return train_step(cfg, accelerator, student, optimizer, lr_scheduler, ema, loss_fn, text_cache, batches,

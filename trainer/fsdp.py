@@ -1,6 +1,7 @@
-"""FSDP2 (torch.distributed.fsdp.fully_shard, through accelerate) for the full students of cfg-distill,
-classifier-distill and w-distill: each process holds a shard of the student's weights, gradients, AdamW
-state and EMA instead of a whole copy (docs/trainer.md, "FSDP").
+"""FSDP2 (torch.distributed.fsdp.fully_shard, through accelerate) for the full students of every method and the
+LoRA students of cfg-, classifier- and w-distill: each process holds a shard of the trained networks' weights
+(a LoRA student's frozen base too), gradients, Adam states and EMA instead of a whole copy, and of the frozen
+teacher UNet unless --fsdp-teacher replicate (docs/trainer.md, "FSDP").
 
 Turned on by `--fsdp` (this module's plugin) or by `accelerate launch` with an FSDP config (accelerate sets
 ACCELERATE_USE_FSDP and FSDP_* in the environment; the plugin is then built from them). The UNet's
@@ -14,7 +15,10 @@ tensor), the main process writes them; on resume every rank reads the full files
 is kept on the local shards (a DTensor per parameter, updated by the same foreach lerp) and gathered the same
 way. The checkpoint parts below are what trainer.resume calls `collective`: their state_dict() and
 load_state_dict() run on every rank, and state_dict() returns the full state on the main process, None
-elsewhere.
+elsewhere. Validation grids and exports sample from a gathered whole copy on the main process (`unsharded`).
+
+Every loop calls these helpers whether it shards or not (`collective_parts`, `shard_frozen`, `unsharded`,
+`load_whole`): without FSDP they hand their argument back, so no loop asks which it runs.
 """
 
 from __future__ import annotations
@@ -45,8 +49,7 @@ def wants_fsdp(cfg) -> bool:
 
 def check_fsdp_supported(cfg) -> None:
     """What FSDP runs on, checked before any Accelerator is made: one UserError line otherwise."""
-    method = getattr(cfg, "method", None)
-    if (problem := fsdp_not_supported(method, cfg.lora is not None, getattr(cfg, "validate_every", 0))) is not None:
+    if (problem := fsdp_not_supported(cfg.method, cfg.lora is not None)) is not None:
         raise UserError(problem)
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise UserError("FSDP shards the student over processes: start 2 or more (`torchrun --nproc_per_node N -m "
@@ -101,18 +104,62 @@ def enable_fsdp(accelerator, plugin) -> None:
 
 
 def is_fsdp(accelerator) -> bool:
-    """Whether `accelerator` shards its model with FSDP2 (then checkpoints and exports gather: sharded_parts,
-    gathered_student)."""
+    """Whether `accelerator` shards its models with FSDP2 (then checkpoints and exports gather: collective_parts,
+    unsharded)."""
     return bool(getattr(accelerator, "is_fsdp2", False))
 
 
-def drop_unreduced_gradients(model) -> None:
-    """Forget the gradients of micro-batches run without sync (gradient accumulation): FSDP2 keeps them on its
-    unsharded parameters until the last micro-batch's backward reduce-scatters them, where the optimizer's
-    zero_grad does not reach. A step skipped for a non-finite loss calls this, so they do not leak into the
-    next step (DDP accumulates into the parameters' .grad, which zero_grad clears)."""
+def is_sharded(module) -> bool:
+    """Whether `module` is an FSDP2 module (its parameters are DTensor shards)."""
     from torch.distributed.fsdp import FSDPModule
 
+    return isinstance(module, FSDPModule)
+
+
+def shard_frozen(accelerator, module, shard: bool = True):
+    """A frozen network (progressive's round teacher, sid-lsg's teacher and EMA generator) sharded as the trained
+    ones are (accelerate's FSDP2 preparation of a model without an optimizer), when FSDP runs and `shard`;
+    otherwise `module` itself, on the accelerator's device."""
+    if not (shard and is_fsdp(accelerator)):
+        return module.to(accelerator.device)
+    return accelerator.prepare(module)
+
+
+def unsharded(module, device=None):
+    """`module` itself when it is not sharded (on every rank); a sharded one's whole copy on the main process
+    (None on the others; every rank must call it), on `device` (sampling) or the CPU (export: a whole SDXL UNet
+    in float32 is 10 GB, which the GPU FSDP is used for may not have)."""
+    if not is_sharded(module):
+        return module
+    whole = gathered_student(module)
+    return whole if whole is None or device is None else whole.to(device)
+
+
+def load_whole(module, state: dict) -> None:
+    """Load a full state dict (the same on every rank) into `module`, sharded or not."""
+    if is_sharded(module):
+        load_full_state_dict(module, {k: v.to(module.dtype) for k, v in state.items()})
+    else:
+        module.load_state_dict(state)
+
+
+def local_tensor(tensor):
+    """This rank's shard of a DTensor; any other tensor as it is (elementwise work on gradients)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def drop_unreduced_gradients(model) -> None:
+    """What a step skipped for a non-finite loss leaves behind under FSDP2, undone. The gradients of micro-batches
+    run without sync (gradient accumulation): FSDP2 keeps them on its unsharded parameters until the last
+    micro-batch's backward reduce-scatters them, where the optimizer's zero_grad does not reach, so they would
+    leak into the next step (DDP accumulates into the parameters' .grad, which zero_grad clears). And the root
+    unit's gathered parameters: a forward without its backward leaves them in place of the shards, where an EMA
+    swap (validation) or a LoRA checkpoint would read them (reshard)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    reshard(model)
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
@@ -158,11 +205,23 @@ def shard_like(full, like):
                              src_data_rank=None)
 
 
+def reshard(model) -> None:
+    """Put every FSDP unit of `model` back in its sharded state. A frozen network only ever run forward (a round
+    teacher, an EMA) keeps its root unit's parameters gathered after the forward, as FSDP2 does for a root that
+    expects a backward; state dicts read and written in that state mix whole tensors with shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def full_state_dict(model) -> dict:
     """The model's full state dict (float32, on the CPU) on the main process, {} on the others; every rank calls
     it (one all-gather per parameter)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    reshard(model)
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -170,6 +229,7 @@ def load_full_state_dict(model, state: dict) -> None:
     """Load a full state dict, the same on every rank, into the sharded model: each rank keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    reshard(model)
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
@@ -267,18 +327,48 @@ class ShardedEMA(_Collective):
         self.ema.load_state_dict({**state, "shadow_params": averages})
 
 
-def sharded_parts(parts: dict[str, Any], model) -> dict[str, Any]:
-    """trainer.fit's checkpoint parts for a sharded `model`: the model, its optimizer and the EMA become
-    collective parts that gather (and scatter) their full states; the rest (the LR schedule) stays as it is."""
+class ShardedTrainedWeights(_Collective):
+    """A sharded LoRA student's checkpoint part (trainer.student.TrainedWeights: its adapter, and w-distill's
+    embedding, by name) with each tensor gathered whole: the DDP layout."""
+
+    def __init__(self, part):
+        self.part = part
+
+    def state_dict(self) -> dict | None:
+        main = _is_main()
+        reshard(self.part.module)  # the shards, not a root left gathered (in the compute dtype) by a forward
+        state = {canonical_name(n): full_tensor(t, keep=main) for n, t in self.part.state_dict().items()}
+        return state if main else None
+
+    def load_state_dict(self, state: dict) -> None:
+        parameters = {canonical_name(n): (n, p) for n, p in self.part.module.named_parameters()}
+        self.part.load_state_dict({parameters[n][0]: shard_like(v, parameters[n][1]) if n in parameters else v
+                                   for n, v in state.items()})
+
+
+def _any_sharded(tensors) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def collective_parts(parts: dict[str, Any]) -> dict[str, Any]:
+    """A loop's checkpoint parts with every sharded one made a collective part that gathers (and scatters) its
+    full state: an FSDP module, an optimizer of sharded parameters, an EMA of sharded averages. The rest (LR
+    schedules, anything of a run without FSDP) stays as it is."""
     from trainer.ema import WarmupEMA
+    from trainer.student import TrainedWeights
 
     def collective(part):
-        if part is model:
-            return ShardedModel(model)
+        if is_sharded(part):
+            return ShardedModel(part)
         if isinstance(part, torch.optim.Optimizer):  # accelerate's AcceleratedOptimizer is one too
-            return ShardedOptimizer(part)
-        if isinstance(part, WarmupEMA):
+            params = [p for group in _inner(part).param_groups for p in group["params"]]
+            return ShardedOptimizer(part) if _any_sharded(params) else part
+        if isinstance(part, WarmupEMA) and _any_sharded(part.shadow_params):
             return ShardedEMA(part)
+        if isinstance(part, TrainedWeights) and is_sharded(part.module):
+            return ShardedTrainedWeights(part)
         return part
 
     return {name: None if part is None else collective(part) for name, part in parts.items()}
@@ -286,8 +376,9 @@ def sharded_parts(parts: dict[str, Any], model) -> dict[str, Any]:
 
 def gathered_student(model, ema=None):
     """For the export: on the main process, a plain (unsharded) copy of the student's class with the full
-    weights, the EMA's averages in place of the trained ones when there is an EMA; None on the other ranks.
-    Every rank calls it. The copy is built on the meta device and takes the gathered tensors as they are."""
+    weights (and a LoRA student's adapters, trainable as in the student), the EMA's averages in place of the
+    trained ones when there is an EMA; None on the other ranks. Every rank calls it. The copy is built on the
+    meta device and takes the gathered tensors as they are."""
     from torch.distributed.fsdp import FSDPModule
 
     main = _is_main()
@@ -302,5 +393,10 @@ def gathered_student(model, ema=None):
     plain_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     with torch.device("meta"):
         plain = plain_class.from_config(model.config)
+        for name, config in getattr(model, "peft_config", {}).items():  # a LoRA student's adapters, alike
+            plain.add_adapter(config, adapter_name=name)
     plain.load_state_dict(state, assign=True)
+    trained = set(trainable_names(model))
+    for name, parameter in plain.named_parameters():
+        parameter.requires_grad_(name in trained)
     return plain.train(model.training)

@@ -33,6 +33,7 @@ from trainer.fit import (
     TEACHER_DTYPE, W_CONVENTION, AfterStep, init_trackers, make_accelerator, make_ema, make_lr_scheduler,
     make_optimizer, prepare_unet, refuse_damaged_shards, run_steps, shard_micro_batches, train_step,
 )
+from trainer.fsdp import collective_parts, load_whole, shard_frozen, unsharded
 from trainer.losses import progressive_loss, progressive_target, sample_w
 from trainer.outdir import prepare_out
 from trainer.resume import TrainState, resume_checkpoint, save_checkpoint
@@ -177,9 +178,9 @@ def start_round(previous: Path, of_this_run: bool, teacher_unet, student, fresh:
     starting student); on a fresh round the student starts as that teacher."""
     if lora is None:
         weights = load_unet(previous).state_dict()  # float32, whatever dtype the frozen teacher runs in
-        teacher_unet.load_state_dict(weights)
+        load_whole(teacher_unet, weights)
         if fresh:
-            student.load_state_dict(weights)
+            load_whole(student, weights)
     elif of_this_run:  # round 1's adapters start as created (B = 0): the starting student
         for view in (teacher_unet, student) if fresh else (teacher_unet,):
             load_adapter_weights(view.base, previous, view.name)
@@ -198,10 +199,11 @@ def run_progressive(cfg: ProgressiveConfig, after_step: AfterStep | None = None)
     student, teacher_unet = round_networks(cfg, base.root, base.dtype, resolution, accelerator.device)
     optimizer = make_optimizer(cfg, student, accelerator.device)
     student, optimizer = accelerator.prepare(student, optimizer)
+    teacher_unet = shard_frozen(accelerator, teacher_unet, cfg.fsdp_teacher == "shard")  # as is without FSDP
     lr_scheduler = make_lr_scheduler(cfg, optimizer, cfg.iters_per_round)
     ema = make_ema(cfg, student, accelerator.device)
-    parts = {"unet": checkpoint_part(student, cfg.lora), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
-             "ema": ema}
+    parts = collective_parts({"unet": checkpoint_part(student, cfg.lora), "optimizer": optimizer,
+                              "lr_scheduler": lr_scheduler, "ema": ema})
     run = {"identity": cfg.identity(), "data_layout": cfg.data_layout(accelerator.num_processes),
            "teacher_fingerprint": fingerprint, "data_sha256": sha256_file(Path(cfg.shards) / MANIFEST)}
     state = TrainState()
@@ -246,7 +248,7 @@ def run_progressive(cfg: ProgressiveConfig, after_step: AfterStep | None = None)
                                           lambda: lr_scheduler.get_last_lr()[0],
                                           f"round {number + 1}/{len(cfg.round_steps)}: {2 * steps} -> {steps} steps",
                                           first=number * k, after_step=after_step,
-                                          validate=step_validation(validation, accelerator, student, ema,
+                                          validate=step_validation(cfg, validation, accelerator, student, ema,
                                                                    partial(grid_sampler, base.schedule, steps,
                                                                            sum(w_range) / 2)))
         seconds += round_seconds
@@ -255,8 +257,9 @@ def run_progressive(cfg: ProgressiveConfig, after_step: AfterStep | None = None)
             return {"status": status, "step": state.step, "rounds": folders, "step_seconds": seconds}
         if ema is not None:
             ema.copy_to(trainable_parameters(unwrapped))
+        whole = unsharded(unwrapped)  # FSDP: gathered onto the main process's CPU (every rank takes part)
         if accelerator.is_main_process:
-            export_round(cfg, unwrapped, start_record, base.root, steps, w_range, state, global_batch, run,
+            export_round(cfg, whole, start_record, base.root, steps, w_range, state, global_batch, run,
                          base.schedule)
         accelerator.wait_for_everyone()
         previous = round_folder(Path(cfg.out), steps)

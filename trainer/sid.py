@@ -39,6 +39,7 @@ from students.folder import pipeline_class
 from students.recipes import SEEDED, TRAILING_EULER, scheduler_code, scheduler_entry
 from trainer.data import position_generator
 from trainer.ema import HalfLifeEMA
+from trainer.fsdp import collective_parts, local_tensor, shard_frozen, unsharded
 from trainer.fit import AfterStep, init_trackers, make_accelerator, prepare_unet
 from trainer.losses import finite_samples, sid_fake_score_loss, sid_generator_loss
 from trainer.optim import clear_gradients, make_adam
@@ -129,9 +130,10 @@ class SidNetworks:
     ema: HalfLifeEMA | None
 
     def parts(self) -> dict[str, Any]:
-        """What a checkpoint holds."""
-        return {"generator": self.generator, "fake_score": self.fake, "generator_optimizer": self.generator_optimizer,
-                "fake_optimizer": self.fake_optimizer, "generator_ema": self.ema.model if self.ema else None}
+        """What a checkpoint holds (FSDP: the same files, gathered from the shards)."""
+        return collective_parts({"generator": self.generator, "fake_score": self.fake,
+                                 "generator_optimizer": self.generator_optimizer, "fake_optimizer": self.fake_optimizer,
+                                 "generator_ema": self.ema.model if self.ema else None})
 
     def sampling_generator(self) -> torch.nn.Module:
         """The generator to sample and export: its EMA when there is one."""
@@ -226,18 +228,20 @@ def clean_gradients(module: torch.nn.Module, clip_value: float | None) -> bool:
     the network being trained still reaches its weight gradients, and that step goes ahead cleaned.
 
     One multi-tensor norm finds the usual case, every value finite, without a pass per tensor (those passes
-    cost 9 % of a CPU iteration); only then, or when a norm overflowed, is each tensor checked and cleaned."""
-    parameters = [p for p in module.parameters() if p.grad is not None]
-    if not parameters:
+    cost 9 % of a CPU iteration); only then, or when a norm overflowed, is each tensor checked and cleaned.
+    Every operation is elementwise, so under FSDP each process cleans its own shard of the gradients (and says
+    whether it replaced anything in it: network_step agrees over the processes)."""
+    grads = [local_tensor(p.grad) for p in module.parameters() if p.grad is not None]
+    if not grads:
         return False
-    grads = [p.grad for p in parameters]
     replaced = False
     if not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
         replaced = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         for g in grads:
             torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
-    if clip_value is not None:
-        torch.nn.utils.clip_grad_value_(parameters, clip_value)
+    if clip_value is not None:  # torch.nn.utils.clip_grad_value_'s clamp, on the local tensors
+        torch._foreach_clamp_min_(grads, -clip_value)
+        torch._foreach_clamp_max_(grads, clip_value)
     return replaced
 
 
@@ -265,7 +269,8 @@ def network_step(cfg, accelerator, nets: SidNetworks, phase: int, sampler, text_
     cleaned = False
     if kept > 0:
         clip = 1.0 if phase == GENERATOR and cfg.mixed_precision == "fp16" else None
-        cleaned = clean_gradients(module, clip)
+        replaced = torch.tensor([float(clean_gradients(module, clip))], device=device)
+        cleaned = bool(accelerator.reduce(replaced, "sum") > 0)  # FSDP: any process's shard
         optimizer.step()
     clear_gradients(optimizer, cfg.keep_grad_buffers)
     nets.fake.requires_grad_(True)
@@ -294,10 +299,13 @@ def build_networks(cfg: SidConfig, accelerator) -> SidNetworks:
             "device": accelerator.device}
     generator_optimizer = make_adam(generator.parameters(), lr=cfg.lr, **adam)
     fake_optimizer = make_adam(fake.parameters(), lr=cfg.lr_fake, **adam)
-    generator, fake, generator_optimizer, fake_optimizer = accelerator.prepare(
-        generator, fake, generator_optimizer, fake_optimizer)
+    # one model per prepare, as FSDP2 asks; under FSDP the EMA is sharded as the generator is (its updates are
+    # elementwise over the shards), the frozen teacher unless --fsdp-teacher replicate; all as they are otherwise
+    generator, generator_optimizer = accelerator.prepare(generator, generator_optimizer)
+    fake, fake_optimizer = accelerator.prepare(fake, fake_optimizer)
     if ema is not None:
-        ema.model.to(accelerator.device)
+        ema.model = shard_frozen(accelerator, ema.model)
+    teacher = dataclasses.replace(teacher, unet=shard_frozen(accelerator, teacher.unet, cfg.fsdp_teacher == "shard"))
     return SidNetworks(teacher, generator, fake, generator_optimizer, fake_optimizer, ema)
 
 
@@ -423,10 +431,11 @@ def run_sid(cfg: SidConfig, after_step: AfterStep | None = None) -> dict[str, An
                       accelerator)
 
     def draw_grid() -> None:  # OUT/samples/kimg-*.png of the EMA generator, logged at the iteration
-        grid(sid_sampler(nets.sampling_generator(), nets.teacher.schedule, cfg.t_init), kimg_label(state.images),
-             state.iteration)
+        generator = unsharded(nets.sampling_generator(), accelerator.device)  # FSDP: gathered onto the main one
+        if accelerator.is_main_process:
+            grid(sid_sampler(generator, nets.teacher.schedule, cfg.t_init), kimg_label(state.images), state.iteration)
 
-    if accelerator.is_main_process and cfg.grid_every_kimg > 0 and state.images == 0:
+    if cfg.grid_every_kimg > 0 and state.images == 0:
         draw_grid()
     max_images = math.ceil(cfg.max_kimg * 1000)
     status, seconds = "done", []
@@ -450,7 +459,7 @@ def run_sid(cfg: SidConfig, after_step: AfterStep | None = None) -> dict[str, An
             if (message := nonfinite_stop(state, cfg.max_nonfinite_steps)) is not None:
                 checkpoint()
                 raise NonFiniteSteps(message)
-            if accelerator.is_main_process and _crossed(state.images, global_batch, cfg.grid_every_kimg):
+            if _crossed(state.images, global_batch, cfg.grid_every_kimg):
                 draw_grid()
             done = state.images >= max_images
             if done or stop.agreed or _crossed(state.images, global_batch, cfg.checkpoint_every_kimg):
@@ -459,9 +468,10 @@ def run_sid(cfg: SidConfig, after_step: AfterStep | None = None) -> dict[str, An
                 status = "interrupted"
                 break
     if status == "done":
+        generator = unsharded(nets.sampling_generator())  # FSDP: gathered whole onto the main process's CPU
         if accelerator.is_main_process:
             record = _record(cfg, prompt_list, loop.encoder, nets, state, global_batch)
-            save_trained_student(nets.sampling_generator(), cfg.lora, nets.teacher.root, cfg.variant,
+            save_trained_student(generator, cfg.lora, nets.teacher.root, cfg.variant,
                                  Path(cfg.out), record, cfg.merge)
         accelerator.wait_for_everyone()
     accelerator.end_training()

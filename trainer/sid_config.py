@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from diffusion.errors import UserError
-from trainer.config import (MIXED_PRECISION, lora_identity, lora_spec, require_at_least_one, require_choice,
-                            require_one_way_to_start)
+from trainer.config import (MIXED_PRECISION, check_fsdp_options, lora_identity, lora_spec, require_at_least_one,
+                            require_choice, require_one_way_to_start)
 
 
 @dataclass
@@ -64,6 +64,8 @@ class SidConfig:
     lora_alpha: float | None = None  # [rank]
     lora_targets: str | None = None  # comma-separated module names [trainer.student.DEFAULT_LORA_TARGETS]
     merge: bool = False  # LoRA: also write the merged pipeline (teacher + generator adapter) into OUT
+    fsdp: bool = False  # shard the generator, the fake network, their Adam states and the EMA (trainer.fsdp)
+    fsdp_teacher: str = "shard"  # with FSDP, the frozen teacher UNet: "shard" (as the others) or "replicate"
 
     def __post_init__(self) -> None:
         if self.method != "sid-lsg":
@@ -97,6 +99,7 @@ class SidConfig:
             # recomputation in the backward would run with the adapter of the last forward, not its own
             raise UserError("--gradient-checkpointing does not apply to sid-lsg with --lora-rank (one UNet carries "
                             "the generator's, the fake network's and the teacher's passes)")
+        check_fsdp_options(self)
 
     @property
     def lora(self):

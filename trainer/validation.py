@@ -31,6 +31,7 @@ from torchvision.utils import make_grid
 from diffusion.prompt_files import read_prompt_file
 from diffusion.samplers import grid_ddim, initial_noise, sid_one_step
 from diffusion.teacher import load_model
+from trainer.fsdp import is_sharded, unsharded
 from trainer.student import averaged_weights, trainable_parameters
 
 GRID_BATCH = 8  # prompts per sampling batch: a grid costs this much memory whatever its size
@@ -132,16 +133,22 @@ def shard_loop_validation(cfg, accelerator, teacher, student) -> Validation | No
     return Validation(dataclasses.replace(teacher, vae=vae), prompts, shape, Path(cfg.out), accelerator)
 
 
-def step_validation(validation: Validation | None, accelerator, student, ema,
+def step_validation(cfg, validation: Validation | None, accelerator, student, ema,
                     sampler: Callable[[Any], Sampler]) -> Callable[[int], None] | None:
-    """`validate(step)` for trainer.fit.run_steps: OUT/samples/step-NNNNNNNN.png of `sampler(unet)`, the
-    unwrapped student with the EMA's weights swapped in for the while (trainer.ema.WarmupEMA)."""
-    if validation is None:
+    """`validate(step)` for trainer.fit.run_steps, called on every rank: the main process writes
+    OUT/samples/step-NNNNNNNN.png of `sampler(unet)`, the unwrapped student with the EMA's weights swapped in for
+    the while (trainer.ema.WarmupEMA); a sharded (FSDP) student is gathered whole onto it first, every rank
+    taking part (trainer.fsdp.unsharded). None when --validate-every is 0."""
+    if not cfg.validate_every:
         return None
 
     def validate(step: int) -> None:
         unet = accelerator.unwrap_model(student)
+        if validation is None and not is_sharded(unet):
+            return  # another rank validates, with nothing to gather from this one
         with averaged_weights(ema, trainable_parameters(unet)):
-            validation(sampler(unet), step_label(step), step)
+            whole = unsharded(unet, accelerator.device)
+            if validation is not None:
+                validation(sampler(whole), step_label(step), step)
 
     return validate
