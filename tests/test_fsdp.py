@@ -235,7 +235,8 @@ def _pixels(path):
 
 def test_progressive_under_fsdp_trains_validates_and_exports_as_ddp(progressive_ddp, progressive_fsdp, w_student):
     """Both rounds' students (EMA, written by the main process from the gathered shards), the checkpoints and the
-    validation grids (gathered for sampling) of an FSDP run, student and round teacher sharded, against DDP's."""
+    validation grids (gathered for sampling) of an FSDP run, student and round teacher sharded, against DDP's.
+    Measured: the round students 6e-8 and 1.2e-7 apart, where step 4 alone moves the student by 9.7e-5."""
     start = load_file(str(w_student / UNET))
     assert max((_round(progressive_fsdp, 1)[k] - start[k]).abs().max().item() for k in start) > 1e-4  # it trained
     for steps in (2, 1):
@@ -297,12 +298,15 @@ SID_PARTS = ("generator", "fake_score", "generator_ema")
 
 def test_sid_lsg_under_fsdp_trains_samples_and_exports_as_ddp(sid_ddp, sid_fsdp, teacher_dir):
     """Generator, fake score network, their Adam states and the EMA sharded, and the frozen teacher too: the
-    checkpoints, the exported EMA generator and the grids (sampled from the gathered EMA) against DDP's."""
+    checkpoints, the exported EMA generator and the grids (sampled from the gathered EMA) against DDP's.
+    Measured: the generator and its EMA 7.0e-7 apart, the fake network 3.3e-7, where iteration 2 alone moves the
+    generator by 1.4e-4 (the generator's gradient goes through differences of the teacher's and the fake
+    network's outputs, which make rounding relative); the tolerance, 5e-6, is 3.5 % of that one update."""
     teacher = load_file(str(teacher_dir / UNET))
     generator = _checkpoint(sid_fsdp, 2, "generator")
     assert max((generator[k] - teacher[k]).abs().max().item() for k in teacher) > 1e-4  # it trained
     for name in SID_PARTS:
-        _assert_close(_checkpoint(sid_ddp, 2, name), _checkpoint(sid_fsdp, 2, name), 1e-6)
+        _assert_close(_checkpoint(sid_ddp, 2, name), _checkpoint(sid_fsdp, 2, name), 5e-6)
     for name in ("generator_optimizer", "fake_optimizer"):
         _assert_moments_close(_checkpoint(sid_ddp, 2, name), _checkpoint(sid_fsdp, 2, name))
     _assert_close(load_file(str(sid_fsdp / UNET)), _checkpoint(sid_fsdp, 2, "generator_ema"), 0.0)
