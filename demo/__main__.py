@@ -180,7 +180,9 @@ def fit_few_step(root: Path, world, s: DemoSettings) -> None:
 def sdxl_chain(root: Path, world, s: DemoSettings) -> None:
     """The same commands on an SDXL-layout teacher (tiny, random weights: the chain, not quality), the student
     trained sharded over SDXL_PROCESSES processes with FSDP2, then the checks the report shows (demo/sdxl.py)."""
-    teacher, shards, student = sdxl_teacher(root), root / "sdxl" / "shards", root / "sdxl" / "student-cfg"
+    # the student's own folder: an earlier demo's single-process sdxl/student-cfg is another run (batch 16 per
+    # process), which --resume latest would refuse
+    teacher, shards, student = sdxl_teacher(root), root / "sdxl" / "shards", root / "sdxl" / "student-cfg-fsdp"
     _run("pipeline", pipeline_main, ["build-shards", "--teacher", teacher, "--source", world.source, "--resolution",
                                      32, "--batch-size", 64, "--shard-size", 500, "--samples", s.sdxl_samples,
                                      "--out", shards])

@@ -39,8 +39,8 @@ from students.folder import pipeline_class
 from students.recipes import SEEDED, TRAILING_EULER, scheduler_code, scheduler_entry
 from trainer.data import position_generator
 from trainer.ema import HalfLifeEMA
-from trainer.fsdp import collective_parts, local_tensor, shard_frozen, unsharded
 from trainer.fit import AfterStep, init_trackers, make_accelerator, prepare_unet
+from trainer.fsdp import collective_parts, local_tensor, shard_frozen, unsharded
 from trainer.losses import finite_samples, sid_fake_score_loss, sid_generator_loss
 from trainer.optim import clear_gradients, make_adam
 from trainer.prompts import PromptSampler, read_prompts
@@ -120,7 +120,8 @@ class SidState:
 
 @dataclass
 class SidNetworks:
-    """The three UNets and what trains them. `generator` and `fake` are accelerate-prepared (DDP) modules."""
+    """The three UNets and what trains them. `generator` and `fake` are accelerate-prepared modules (DDP, or FSDP
+    with the EMA's and the teacher's UNets sharded alike: trainer.fsdp)."""
 
     teacher: Any  # diffusion.teacher.Teacher, frozen
     generator: torch.nn.Module
