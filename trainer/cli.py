@@ -63,8 +63,9 @@ def cli() -> None:
 @option("gradient_checkpointing", "Recompute UNet activations in the backward pass to save memory.", is_flag=True)
 @option("xformers", "Use xformers attention instead of PyTorch SDPA (needs the xformers extra).", is_flag=True)
 @option("fsdp", "Shard the trained networks' weights, gradients, Adam states and EMA over the processes (FSDP2; "
-        "torchrun/accelerate launch with 2+ processes; full students of every method; see docs/trainer.md). An "
-        "`accelerate launch` FSDP config does the same without it.", is_flag=True)
+        "torchrun/accelerate launch with 2+ processes; every method's full students, and LoRA students of cfg-, "
+        "classifier-, w-distill; see docs/trainer.md). An `accelerate launch` FSDP config does the same without "
+        "it.", is_flag=True)
 @progressive_option("fsdp_teacher", "progressive, sid-lsg under FSDP: shard the frozen teacher UNet too, or "
                     "keep a whole copy on each process.", type=click.Choice(FSDP_TEACHER))
 @option("ema_decay", "EMA decay of the student weights, with warm-up (0: no EMA). The exported UNet is the EMA.", type=float)
