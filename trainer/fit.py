@@ -39,8 +39,8 @@ from students.lora import EMBEDDING_WEIGHT
 from trainer.config import FitConfig
 from trainer.data import MicroBatches, position_generator
 from trainer.ema import WarmupEMA
-from trainer.fsdp import (collective_parts, drop_unreduced_gradients, enable_fsdp, fsdp_plugin, gathered_student,
-                          is_fsdp)
+from trainer.fsdp import (collective_parts, drop_unreduced_gradients, enable_fsdp, fsdp_plugin, is_fsdp,
+                          unsharded)
 from trainer.losses import (cfg_distill_loss, classifier_distill_loss, sample_w, w_distill_eps_loss, w_distill_loss,
                             w_distill_target)
 from trainer.optim import clear_gradients, make_adam
@@ -283,11 +283,10 @@ def _record(cfg: FitConfig, info: dict, run: dict, teacher, state: TrainState, a
 
 def export_student(cfg, accelerator, student, ema, info, run, teacher, state) -> None:
     unet = accelerator.unwrap_model(student)
-    if is_fsdp(accelerator):  # every rank gathers; the main process gets an unsharded copy with the EMA's weights
-        unet, ema = gathered_student(unet, ema), None
-    if accelerator.is_main_process:
-        with averaged_weights(ema, trainable_parameters(unet)):
-            save_trained_student(unet, cfg.lora, teacher.root, cfg.variant, Path(cfg.out),
+    with averaged_weights(ema, trainable_parameters(unet)):  # FSDP: on the local shards, then gathered whole
+        whole = unsharded(unet)
+        if accelerator.is_main_process:
+            save_trained_student(whole, cfg.lora, teacher.root, cfg.variant, Path(cfg.out),
                                  _record(cfg, info, run, teacher, state, accelerator), cfg.merge)
     accelerator.wait_for_everyone()
 

@@ -131,7 +131,7 @@ def unsharded(module, device=None):
     in float32 is 10 GB, which the GPU FSDP is used for may not have)."""
     if not is_sharded(module):
         return module
-    whole = gathered_student(module)
+    whole = _whole_copy(module)
     return whole if whole is None or device is None else whole.to(device)
 
 
@@ -374,21 +374,14 @@ def collective_parts(parts: dict[str, Any]) -> dict[str, Any]:
     return {name: None if part is None else collective(part) for name, part in parts.items()}
 
 
-def gathered_student(model, ema=None):
-    """For the export: on the main process, a plain (unsharded) copy of the student's class with the full
-    weights (and a LoRA student's adapters, trainable as in the student), the EMA's averages in place of the
-    trained ones when there is an EMA; None on the other ranks. Every rank calls it. The copy is built on the
-    meta device and takes the gathered tensors as they are."""
+def _whole_copy(model):
+    """On the main process, a plain (unsharded) copy of the sharded model's class with its full weights (and a
+    LoRA student's adapters, trainable as in the student); None on the other ranks. Every rank calls it. The copy
+    is built on the meta device and takes the gathered tensors as they are."""
     from torch.distributed.fsdp import FSDPModule
 
-    main = _is_main()
     state = full_state_dict(model)
-    if ema is not None:
-        for name, average in zip(trainable_names(model), ema.shadow_params):
-            average = full_tensor(average, keep=main)
-            if main:
-                state[name] = average
-    if not main:
+    if not _is_main():
         return None
     plain_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     with torch.device("meta"):
